@@ -1,0 +1,128 @@
+"""Shared test helpers: isolated domains, seeded commands, deadline polls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from tsq.db import ensure_queue
+
+T = TypeVar("T")
+
+
+def new_domain() -> str:
+    """A domain no other test uses; every queue and workflow id of the test derives from it."""
+    return f"t{uuid.uuid4().hex[:16]}"
+
+
+async def seed_command(
+    pool: asyncpg.Pool,
+    domain: str,
+    *,
+    status: str = "IN_TROUBLESHOOTING_QUEUE",
+    reply_queue: str | None = "default",
+    command_type: str = "DebitAccount",
+    batch_id: uuid.UUID | None = None,
+    data: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    """Insert a command as the reference command bus would have left it, with its message archived.
+
+    `reply_queue="default"` means `<domain>__replies`; None means no reply queue.
+    """
+    command_id = uuid.uuid4()
+    correlation_id = uuid.uuid4()
+    replies = f"{domain}__replies" if reply_queue == "default" else (reply_queue or "")
+    queue = f"{domain}__commands"
+    async with pool.acquire() as conn, conn.transaction():
+        await ensure_queue(conn, queue)
+        message = {
+            "domain": domain,
+            "command_type": command_type,
+            "command_id": str(command_id),
+            "correlation_id": str(correlation_id),
+            "data": data or {"account": "ACC-1", "amount": 100},
+            **({"reply_to": replies} if replies else {}),
+        }
+        msg_id = await conn.fetchval("SELECT * FROM pgmq.send($1::text, $2::jsonb)", queue, message)
+        if status == "IN_TROUBLESHOOTING_QUEUE":
+            await conn.execute("SELECT pgmq.archive($1::text, $2::bigint)", queue, msg_id)
+        await conn.execute(
+            """
+            INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,
+                status, attempts, max_attempts, last_error_type, last_error_code, last_error_msg,
+                reply_queue, correlation_id, batch_id)
+            VALUES ($1, $2, $3, $4, $5, $6, 3, 3, 'PERMANENT', 'ACCOUNT_CLOSED',
+                'account ACC-1 is closed', $7, $8, $9)
+            """,
+            domain,
+            queue,
+            msg_id,
+            command_id,
+            command_type,
+            status,
+            replies,
+            correlation_id,
+            batch_id,
+        )
+    return command_id
+
+
+async def replies_for(
+    pool: asyncpg.Pool, queue: str, command_id: uuid.UUID
+) -> list[dict[str, Any]]:
+    """Every message in `queue` about `command_id` (read without consuming)."""
+    exists = await pool.fetchval("SELECT 1 FROM pgmq.meta WHERE queue_name = $1", queue)
+    if not exists:
+        return []
+    rows = await pool.fetch(
+        "SELECT * FROM pgmq.read($1::text, 0, 1000) WHERE message->>'command_id' = $2",
+        queue,
+        str(command_id),
+    )
+    return [row["message"] for row in rows]
+
+
+async def audit_rows(
+    pool: asyncpg.Pool, domain: str, command_id: uuid.UUID, event_type: str | None = None
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """
+        SELECT * FROM commandbus.audit
+        WHERE domain = $1 AND command_id = $2 AND ($3::text IS NULL OR event_type = $3)
+        ORDER BY audit_id
+        """,
+        domain,
+        command_id,
+        event_type,
+    )
+
+
+async def status_of(pool: asyncpg.Pool, domain: str, command_id: uuid.UUID) -> str | None:
+    return await pool.fetchval(
+        "SELECT status FROM commandbus.command WHERE domain = $1 AND command_id = $2",
+        domain,
+        command_id,
+    )
+
+
+async def assert_eventually(
+    probe: Callable[[], Awaitable[T]],
+    predicate: Callable[[T], bool] = bool,
+    *,
+    within: float = 20.0,
+    interval: float = 0.05,
+) -> T:
+    """Poll `probe` until `predicate` holds on its value; fail with the last value at the end."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s; last value: {value!r}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,28 @@
+"""tsq: durable operator decisions for commands parked in a command bus's troubleshooting queue.
+
+Services import from here; everything else is internal.
+"""
+
+from tsq.client import SyncReport, TroubleshootingClient
+from tsq.errors import (
+    CommandNotFoundError,
+    InvalidInputError,
+    InvalidOperationError,
+    TroubleshootingError,
+)
+from tsq.settings import Settings
+from workflows import WORKFLOW_TYPE, workflow_id
+from workflows.models import DecisionOutcome
+
+__all__ = [
+    "WORKFLOW_TYPE",
+    "CommandNotFoundError",
+    "DecisionOutcome",
+    "InvalidInputError",
+    "InvalidOperationError",
+    "Settings",
+    "SyncReport",
+    "TroubleshootingClient",
+    "TroubleshootingError",
+    "workflow_id",
+]

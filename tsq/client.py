@@ -1,0 +1,371 @@
+"""`TroubleshootingClient`: the SDK services and the CLI use to park and decide commands."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID
+
+import asyncpg
+from pydantic import ValidationError
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+
+from tsq.db import TSQ_STATUS, create_pool
+from tsq.errors import (
+    ERROR_TYPES,
+    CommandNotFoundError,
+    InvalidInputError,
+    InvalidOperationError,
+    TroubleshootingError,
+)
+from tsq.settings import Settings
+from tsq.temporal import connect
+from workflows import (
+    COMMAND_DOMAIN,
+    COMMAND_TYPE,
+    LAST_ERROR_CODE,
+    TSQ_STATE,
+    workflow_id,
+)
+from workflows.details import render_summary
+from workflows.models import (
+    DOMAIN_PATTERN,
+    CancelRequest,
+    CommandSnapshot,
+    DecisionOutcome,
+    TsqState,
+)
+from workflows.troubleshooting import TroubleshootingWorkflow
+
+_TERMINAL = ("COMPLETED", "CANCELED")
+
+
+@dataclass
+class SyncReport:
+    """What `sync` did: workflows it started and ones that were already running."""
+
+    started: list[str] = field(default_factory=list)
+    already_running: list[str] = field(default_factory=list)
+
+
+def _command_uuid(value: str | UUID) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise InvalidInputError(f"command id {value!r} is not a UUID") from None
+
+
+def _domain(value: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(DOMAIN_PATTERN, value):
+        raise InvalidInputError(
+            f"domain {value!r} is not valid (letters, digits and _, at most 40 characters)"
+        )
+    return value
+
+
+def _input_error(err: ValidationError) -> InvalidInputError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
+    )
+    return InvalidInputError(f"invalid input: {problems}")
+
+
+def _snapshot(row: asyncpg.Record) -> CommandSnapshot:
+    return CommandSnapshot(
+        domain=row["domain"],
+        command_id=row["command_id"],
+        command_type=row["command_type"],
+        correlation_id=row["correlation_id"],
+        reply_queue=row["reply_queue"] or "",
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        last_error_type=row["last_error_type"],
+        last_error_code=row["last_error_code"],
+        last_error_msg=row["last_error_msg"],
+        batch_id=row["batch_id"],
+        created_at=row["created_at"],
+        parked_at=row["updated_at"],
+    )
+
+
+def _from_update_failure(err: WorkflowUpdateFailedError) -> TroubleshootingError:
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return ERROR_TYPES.get(cause.type or "", InvalidOperationError)(cause.message)
+    return InvalidOperationError(str(err.cause or err))
+
+
+class TroubleshootingClient:
+    """Async client for services and operators. Build it with `connect()`; close it when done."""
+
+    def __init__(
+        self,
+        temporal: Client,
+        pool: asyncpg.Pool,
+        *,
+        task_queue: str,
+        owns_pool: bool = False,
+    ) -> None:
+        self.temporal = temporal
+        self.pool = pool
+        self.task_queue = task_queue
+        self._owns_pool = owns_pool
+
+    @classmethod
+    async def connect(cls, settings: Settings | None = None) -> Self:
+        """Connect to the database and Temporal named by `settings` (default: the environment)."""
+        settings = settings or Settings.from_env()
+        pool = await create_pool(settings.require_database_url())
+        try:
+            temporal = await connect(settings)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(temporal, pool, task_queue=settings.task_queue, owns_pool=True)
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self.pool.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    async def operator_cancel(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        reason: str,
+        *,
+        operator: str | None = None,
+        wait: bool = True,
+    ) -> DecisionOutcome | None:
+        """Cancel a command in the troubleshooting queue.
+
+        Returns the outcome once status, audit and reply are done; with `wait=False`, returns
+        None as soon as the workflow has accepted the decision. Raises `CommandNotFoundError`,
+        `InvalidOperationError` (not in the troubleshooting queue, already decided) or
+        `InvalidInputError` (blank reason, bad id); in every such case nothing changed.
+        """
+        try:
+            request = CancelRequest(reason=reason, operator=operator)
+        except ValidationError as err:
+            raise _input_error(err) from None
+        row = await self._decidable(_domain(domain), _command_uuid(command_id), "canceled")
+        start = self._start_operation(_snapshot(row))
+        try:
+            if not wait:
+                await self.temporal.start_update_with_start_workflow(
+                    "operator_cancel",
+                    request.model_dump(mode="json"),
+                    start_workflow_operation=start,
+                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                )
+                return None
+            outcome: DecisionOutcome = await self.temporal.execute_update_with_start_workflow(
+                "operator_cancel",
+                request.model_dump(mode="json"),
+                start_workflow_operation=start,
+                result_type=DecisionOutcome,
+            )
+        except WorkflowUpdateFailedError as err:
+            raise _from_update_failure(err) from None
+        return outcome
+
+    # -- entering the troubleshooting queue ------------------------------------------------------
+
+    async def move_to_troubleshooting(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        error_type: str,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> str:
+        """Park a command in the troubleshooting queue and start its workflow; returns its id.
+
+        For a command-bus worker whose command failed permanently or ran out of retries: sets
+        `IN_TROUBLESHOOTING_QUEUE` and the last error, archives the command's PGMQ message (kept
+        for a later retry), writes the `MOVED_TO_TSQ` audit row and moves the batch counter, in
+        one transaction; then starts the workflow. Calling it again for a command already parked
+        changes nothing and only makes sure the workflow runs.
+        """
+        domain, cid = _domain(domain), _command_uuid(command_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """
+                UPDATE commandbus.command
+                SET status = $3, last_error_type = $4, last_error_code = $5, last_error_msg = $6,
+                    updated_at = now()
+                WHERE domain = $1 AND command_id = $2 AND status <> ALL($7::text[])
+                RETURNING *
+                """,
+                domain,
+                cid,
+                TSQ_STATUS,
+                error_type,
+                error_code,
+                error_message,
+                [TSQ_STATUS, *_TERMINAL],
+            )
+            if row is None:
+                row = await self._command(conn, domain, cid)
+                if row["status"] != TSQ_STATUS:
+                    raise InvalidOperationError(
+                        f"command {cid} in {domain} is {row['status']}: a finished command "
+                        "cannot be moved to the troubleshooting queue"
+                    )
+            else:
+                if row["msg_id"] is not None and row["queue_name"]:
+                    await conn.execute(
+                        "SELECT pgmq.archive($1::text, $2::bigint)",
+                        row["queue_name"],
+                        row["msg_id"],
+                    )
+                await conn.execute(
+                    """
+                    INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+                    VALUES ($1, $2, 'MOVED_TO_TSQ', $3)
+                    """,
+                    domain,
+                    cid,
+                    {
+                        "msg_id": row["msg_id"],
+                        "attempt": row["attempts"],
+                        "max_attempts": row["max_attempts"],
+                        "error_type": error_type,
+                        "error_code": error_code,
+                        "error_msg": error_message,
+                        **(details or {}),
+                    },
+                )
+                if row["batch_id"] is not None:
+                    await conn.execute(
+                        "SELECT commandbus.sp_update_batch_counters($1, $2, 'tsq_move')",
+                        domain,
+                        row["batch_id"],
+                    )
+        return await self._ensure_workflow(_snapshot(row))
+
+    async def start_workflow(self, domain: str, command_id: str | UUID) -> str:
+        """Start the workflow of a command already in the troubleshooting queue (idempotent)."""
+        row = await self._decidable(_domain(domain), _command_uuid(command_id), "decided")
+        return await self._ensure_workflow(_snapshot(row))
+
+    async def sync(self, domain: str | None = None, *, concurrency: int = 20) -> SyncReport:
+        """Start a workflow for every troubleshooting command that has no running one."""
+        if domain is not None:
+            _domain(domain)
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM commandbus.command
+            WHERE status = $1 AND ($2::text IS NULL OR domain = $2)
+            ORDER BY updated_at
+            """,
+            TSQ_STATUS,
+            domain,
+        )
+        report = SyncReport()
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(row: asyncpg.Record) -> None:
+            snapshot = _snapshot(row)
+            async with gate:
+                try:
+                    await self._start(snapshot, WorkflowIDConflictPolicy.FAIL)
+                except WorkflowAlreadyStartedError:
+                    report.already_running.append(workflow_id(snapshot.domain, snapshot.command_id))
+                else:
+                    report.started.append(workflow_id(snapshot.domain, snapshot.command_id))
+
+        await asyncio.gather(*(one(row) for row in rows))
+        return report
+
+    # -- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    async def _command(conn: asyncpg.Connection | asyncpg.Pool, domain: str, cid: UUID) -> Any:
+        row = await conn.fetchrow(
+            "SELECT * FROM commandbus.command WHERE domain = $1 AND command_id = $2",
+            domain,
+            cid,
+        )
+        if row is None:
+            raise CommandNotFoundError(f"command {cid} not found in domain {domain}")
+        return row
+
+    async def _decidable(self, domain: str, cid: UUID, verb: str) -> asyncpg.Record:
+        row = await self._command(self.pool, domain, cid)
+        if row["status"] != TSQ_STATUS:
+            raise InvalidOperationError(
+                f"command {cid} in {domain} is {row['status']}, not {TSQ_STATUS}: "
+                f"only a command in the troubleshooting queue can be {verb}"
+            )
+        return row
+
+    def _start_kwargs(self, snapshot: CommandSnapshot) -> dict[str, Any]:
+        return {
+            "id": workflow_id(snapshot.domain, snapshot.command_id),
+            "task_queue": self.task_queue,
+            "search_attributes": TypedSearchAttributes(
+                [
+                    SearchAttributePair(COMMAND_DOMAIN, snapshot.domain),
+                    SearchAttributePair(COMMAND_TYPE, snapshot.command_type),
+                    SearchAttributePair(TSQ_STATE, TsqState.AWAITING_OPERATOR.value),
+                    SearchAttributePair(
+                        LAST_ERROR_CODE, snapshot.last_error_code or snapshot.last_error_type or ""
+                    ),
+                ]
+            ),
+            "static_summary": render_summary(snapshot),
+        }
+
+    def _start_operation(self, snapshot: CommandSnapshot) -> WithStartWorkflowOperation[Any, Any]:
+        return WithStartWorkflowOperation(
+            TroubleshootingWorkflow.run,
+            snapshot,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            **self._start_kwargs(snapshot),
+        )
+
+    async def _start(
+        self, snapshot: CommandSnapshot, policy: WorkflowIDConflictPolicy
+    ) -> WorkflowHandle[Any, Any]:
+        return await self.temporal.start_workflow(
+            TroubleshootingWorkflow.run,
+            snapshot,
+            id_conflict_policy=policy,
+            **self._start_kwargs(snapshot),
+        )
+
+    async def _ensure_workflow(self, snapshot: CommandSnapshot) -> str:
+        handle = await self._start(snapshot, WorkflowIDConflictPolicy.USE_EXISTING)
+        return handle.id

@@ -1,0 +1,163 @@
+"""`tsq dev`: the whole stack on one machine, with data kept under one folder."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from tsq.client import TroubleshootingClient
+from tsq.db import create_pool, ensure_queue, migrate
+from tsq.devstack import embedded_postgres, start_temporal
+from tsq.settings import Settings
+from tsq.temporal import connect
+
+log = logging.getLogger(__name__)
+
+DEMO_DOMAIN = "payments"
+DEMO_COMMANDS = [
+    ("DebitAccount", "PERMANENT", "ACCOUNT_CLOSED", "account ACC-1042 is closed", True),
+    ("DebitAccount", "TRANSIENT", "LEDGER_TIMEOUT", "ledger did not answer in 30s (3 of 3)", True),
+    ("RefundPayment", "PERMANENT", "DUPLICATE_REFUND", "refund R-77 already issued", True),
+    ("SendReceipt", "PERMANENT", "INVALID_EMAIL", "no such mailbox", False),
+]
+
+
+def _check_port_free(port: int, what: str, flag: str) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} for the {what} is in use (another `tsq dev` or Temporal server?); "
+                f"stop it or pass {flag}"
+            ) from None
+
+
+async def seed_demo(client: TroubleshootingClient) -> list[str]:
+    """Send a few commands as a command bus would, then park them as its worker would."""
+    queue = f"{DEMO_DOMAIN}__commands"
+    replies = f"{DEMO_DOMAIN}__replies"
+    ids = []
+    for command_type, error_type, code, message, has_reply in DEMO_COMMANDS:
+        command_id, correlation_id = uuid.uuid4(), uuid.uuid4()
+        body = {
+            "domain": DEMO_DOMAIN,
+            "command_type": command_type,
+            "command_id": str(command_id),
+            "correlation_id": str(correlation_id),
+            "data": {"account": "ACC-1042", "amount": 125},
+        }
+        if has_reply:
+            body["reply_to"] = replies
+        async with client.pool.acquire() as conn, conn.transaction():
+            await ensure_queue(conn, queue)
+            await ensure_queue(conn, replies)
+            msg_id = await conn.fetchval(
+                "SELECT * FROM pgmq.send($1::text, $2::jsonb)", queue, body
+            )
+            await conn.execute(
+                """
+                INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id,
+                    command_type, status, attempts, max_attempts, reply_queue, correlation_id)
+                VALUES ($1, $2, $3, $4, $5, 'IN_PROGRESS', 3, 3, $6, $7)
+                """,
+                DEMO_DOMAIN,
+                queue,
+                msg_id,
+                command_id,
+                command_type,
+                replies if has_reply else "",
+                correlation_id,
+            )
+            await conn.execute(
+                """
+                INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+                VALUES ($1, $2, 'SENT', $3)
+                """,
+                DEMO_DOMAIN,
+                command_id,
+                {"command_type": command_type, "msg_id": msg_id},
+            )
+        await client.move_to_troubleshooting(
+            DEMO_DOMAIN, command_id, error_type=error_type, error_code=code, error_message=message
+        )
+        ids.append(str(command_id))
+    return ids
+
+
+def _banner(settings: Settings, ui_url: str | None, demo_ids: list[str]) -> str:
+    example = demo_ids[0] if demo_ids else "<command-id>"
+    wid = f"tsq:{DEMO_DOMAIN}:{example}"
+    lines = [
+        "",
+        "tsq dev is running. Ctrl-C stops everything; data stays for the next start.",
+        f"  Temporal Web UI : {ui_url or '(external Temporal server)'}",
+        f"  Temporal        : {settings.temporal_address} (namespace {settings.temporal_namespace})",
+        f"  PostgreSQL      : {settings.database_url}",
+        "",
+        "Use tsq and temporal from another shell with:",
+        f"  export TSQ_DATABASE_URL='{settings.database_url}'",
+        f"  export TEMPORAL_ADDRESS={settings.temporal_address}",
+        "",
+        "Cancel a command:",
+    ]
+    if ui_url:
+        query = "CommandDomain%3D%22payments%22%20AND%20TsqState%3D%22AWAITING_OPERATOR%22"
+        lines += [
+            f"  Web UI : {ui_url}/namespaces/{settings.temporal_namespace}/workflows?query={query}",
+            "           open a workflow > Send a Signal > cancel > "
+            '{"reason": "Invalid account", "operator": "you@example.com"}',
+        ]
+    lines += [
+        f"  temporal workflow signal --workflow-id {wid} --name cancel \\",
+        f'      --input \'{{"reason": "Invalid account", "operator": "you@example.com"}}\' '
+        f"--address {settings.temporal_address}",
+        f"  tsq cancel {DEMO_DOMAIN} {example} --reason 'Invalid account'",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
+    from worker import STOP_SIGNALS, run_worker
+
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if settings.database_url is None:
+            log.info("starting embedded PostgreSQL in %s", data_dir / "pgdata")
+            database_url = stack.enter_context(embedded_postgres(data_dir / "pgdata"))
+            settings = replace(settings, database_url=database_url)
+        ui_url = None
+        if not os.environ.get("TEMPORAL_ADDRESS"):
+            _check_port_free(args.port, "Temporal server", "--port")
+            _check_port_free(args.ui_port, "Web UI", "--ui-port")
+            log.info("starting the Temporal dev server (state in %s)", data_dir / "temporal.db")
+            server = start_temporal(
+                port=args.port,
+                ui_port=args.ui_port,
+                db_file=data_dir / "temporal.db",
+                log_file=data_dir / "temporal.log",
+            )
+            stack.callback(server.stop)
+            settings = replace(settings, temporal_address=server.address)
+            ui_url = server.ui_url
+        database_url = settings.require_database_url()
+        await migrate(database_url)
+        demo_ids: list[str] = []
+        if args.demo:
+            pool = await create_pool(database_url)
+            try:
+                temporal = await connect(settings)
+                client = TroubleshootingClient(temporal, pool, task_queue=settings.task_queue)
+                demo_ids = await seed_demo(client)
+            finally:
+                await pool.close()
+        print(_banner(settings, ui_url, demo_ids), flush=True)
+        await run_worker(settings, signals=STOP_SIGNALS)

@@ -1,0 +1,26 @@
+"""Errors raised by tsq. Every one is a `TroubleshootingError`."""
+
+from __future__ import annotations
+
+
+class TroubleshootingError(Exception):
+    """Base class of every error tsq raises on purpose."""
+
+
+class CommandNotFoundError(TroubleshootingError):
+    """No command with that domain and id exists."""
+
+
+class InvalidOperationError(TroubleshootingError):
+    """The command exists but cannot be decided now (wrong status, already decided)."""
+
+
+class InvalidInputError(TroubleshootingError, ValueError):
+    """An argument is malformed (blank reason, id that is not a UUID, bad queue name, ...)."""
+
+
+# Names used as `ApplicationError.type` across the Temporal boundary, so a refusal raised in a
+# workflow or activity comes back to the SDK as the same Python class.
+ERROR_TYPES: dict[str, type[TroubleshootingError]] = {
+    cls.__name__: cls for cls in (CommandNotFoundError, InvalidOperationError, InvalidInputError)
+}

@@ -1,0 +1,46 @@
+"""The one place that builds a Temporal client, for the worker, the SDK, the CLI and the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig
+
+from tsq.settings import Settings
+from workflows import SEARCH_ATTRIBUTES
+
+
+async def connect(settings: Settings) -> Client:
+    """Connect with the pydantic data converter.
+
+    TLS and API key come from Temporal's environment configuration (`TEMPORAL_API_KEY`,
+    `TEMPORAL_TLS_*`, `TEMPORAL_PROFILE`), the same variables the `temporal` CLI reads.
+    """
+    config: dict[str, Any] = dict(ClientConfig.load_client_connect_config())
+    config["target_host"] = settings.temporal_address
+    config["namespace"] = settings.temporal_namespace
+    return await Client.connect(**config, data_converter=pydantic_data_converter)
+
+
+async def register_search_attributes(client: Client) -> list[str]:
+    """Add tsq's Keyword search attributes to the namespace; returns the ones it added."""
+    existing = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=client.namespace)
+    )
+    missing = {
+        key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+        for key in SEARCH_ATTRIBUTES
+        if key.name not in existing.custom_attributes
+    }
+    if missing:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=client.namespace, search_attributes=missing)
+        )
+    return sorted(missing)

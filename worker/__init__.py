@@ -1,0 +1,62 @@
+"""The tsq worker: runs `TroubleshootingWorkflow` and its activities on one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import asyncpg
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities import TroubleshootingActivities
+from tsq.db import create_pool
+from tsq.settings import Settings
+from tsq.temporal import connect, register_search_attributes
+from workflows.troubleshooting import TroubleshootingWorkflow
+
+log = logging.getLogger(__name__)
+
+
+def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
+    """A worker for tsq's workflow and activities; the caller owns the pool."""
+    acts = TroubleshootingActivities(pool)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[TroubleshootingWorkflow],
+        activities=[acts.carry_out, acts.record_refusal],
+    )
+
+
+async def run_worker(
+    settings: Settings, *, stop: asyncio.Event | None = None, signals: Sequence[int] = ()
+) -> None:
+    """Run until `stop` is set or a signal in `signals` arrives; finish in-flight work; return."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    client = await connect(settings)
+    await register_search_attributes(client)
+    pool = await create_pool(settings.require_database_url())
+    try:
+        worker = new_worker(client, pool, settings.task_queue)
+        async with worker:
+            log.info(
+                "tsq worker polling task queue %r on %s (namespace %s)",
+                settings.task_queue,
+                settings.temporal_address,
+                settings.temporal_namespace,
+            )
+            await stop.wait()
+            log.info("stopping: finishing in-flight work")
+    finally:
+        await pool.close()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
