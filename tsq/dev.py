@@ -98,7 +98,8 @@ def _banner(settings: Settings, ui_url: str | None, demo_ids: list[str]) -> str:
         "",
         "tsq dev is running. Ctrl-C stops everything; data stays for the next start.",
         f"  Temporal Web UI : {ui_url or '(external Temporal server)'}",
-        f"  Temporal        : {settings.temporal_address} (namespace {settings.temporal_namespace})",
+        f"  Temporal        : {settings.temporal_address}"
+        f" (namespace {settings.temporal_namespace})",
         f"  PostgreSQL      : {settings.database_url}",
         "",
         "Use tsq and temporal from another shell with:",
@@ -124,11 +125,16 @@ def _banner(settings: Settings, ui_url: str | None, demo_ids: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _data_dir(path: str) -> Path:
+    data_dir = Path(path).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir
+
+
 async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
     from worker import STOP_SIGNALS, run_worker
 
-    data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = _data_dir(args.data_dir)
     with contextlib.ExitStack() as stack:
         if settings.database_url is None:
             log.info("starting embedded PostgreSQL in %s", data_dir / "pgdata")
