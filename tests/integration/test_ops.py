@@ -1,0 +1,387 @@
+"""Operator cancel end to end: SDK, signals, updates and the `temporal` CLI on real services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError
+
+from activities import TroubleshootingActivities
+from tests.helpers import (
+    assert_eventually,
+    audit_rows,
+    new_domain,
+    replies_for,
+    seed_command,
+    status_of,
+)
+from tsq import InvalidInputError, InvalidOperationError, TroubleshootingClient, workflow_id
+from tsq.devstack import TemporalDevServer, temporal_cli
+from workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
+from workflows.models import CarryOut, DecisionKind, DecisionOutcome, StateView
+
+
+async def _state(temporal: Client, wid: str) -> StateView:
+    return await temporal.get_workflow_handle(wid).query("state", result_type=StateView)
+
+
+async def _effects(pool: asyncpg.Pool, domain: str, command_id: uuid.UUID) -> tuple[int, int]:
+    """(OPERATOR_CANCEL audit rows, replies in <domain>__replies) for one command."""
+    audits = await audit_rows(pool, domain, command_id, "OPERATOR_CANCEL")
+    replies = await replies_for(pool, f"{domain}__replies", command_id)
+    return len(audits), len(replies)
+
+
+async def test_operator_cancel_flow(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """Park a command, find its workflow waiting, cancel it: status, audit, reply, result."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain, status="IN_PROGRESS")
+    wid = await tsq.move_to_troubleshooting(
+        domain,
+        command_id,
+        error_type="PERMANENT",
+        error_code="ACCOUNT_CLOSED",
+        error_message="account is closed",
+    )
+    assert wid == workflow_id(domain, command_id) == f"tsq:{domain}:{command_id}"
+    assert await status_of(pool, domain, command_id) == "IN_TROUBLESHOOTING_QUEUE"
+    [moved] = await audit_rows(pool, domain, command_id, "MOVED_TO_TSQ")
+    assert moved["details_json"]["error_code"] == "ACCOUNT_CLOSED"
+
+    handle = temporal.get_workflow_handle(wid, result_type=DecisionOutcome)
+    described = await handle.describe()
+    attrs = described.typed_search_attributes
+    assert attrs.get(COMMAND_DOMAIN) == domain
+    assert attrs.get(COMMAND_TYPE) == "DebitAccount"
+    assert attrs.get(TSQ_STATE) == "AWAITING_OPERATOR"
+    assert attrs.get(LAST_ERROR_CODE) == "ACCOUNT_CLOSED"
+    waiting = await _state(temporal, wid)
+    assert waiting.state == "AWAITING_OPERATOR" and waiting.decision is None
+
+    outcome = await tsq.operator_cancel(
+        domain, command_id, "Invalid account", operator="jane@example.com"
+    )
+    assert outcome is not None and outcome.carried_out and outcome.status == "CANCELED"
+    assert await status_of(pool, domain, command_id) == "CANCELED"
+    assert await _effects(pool, domain, command_id) == (1, 1)
+    result = await handle.result()
+    assert result.reply_msg_id == outcome.reply_msg_id
+    done = await handle.describe()
+    assert done.status == WorkflowExecutionStatus.COMPLETED
+    assert done.typed_search_attributes.get(TSQ_STATE) == "CANCELED"
+
+
+async def test_cancel_through_temporal_cli_signal(
+    tsq: TroubleshootingClient,
+    pool: asyncpg.Pool,
+    temporal: Client,
+    temporal_server: TemporalDevServer,
+) -> None:
+    """`temporal workflow signal --workflow-id tsq:payments:<id> --name cancel` cancels it."""
+    command_id = await seed_command(pool, "payments", reply_queue="payments__replies")
+    wid = await tsq.start_workflow("payments", command_id)
+    assert wid == f"tsq:payments:{command_id}"
+    body = json.dumps({"reason": "Superseded", "operator": "ops@example.com"})
+    cli = subprocess.run(
+        [
+            *(temporal_cli(), "workflow", "signal", "--address", temporal_server.address),
+            *("--workflow-id", wid, "--name", "cancel", "--input", body),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    await temporal.get_workflow_handle(wid).result()
+    assert await status_of(pool, "payments", command_id) == "CANCELED"
+    [audit] = await audit_rows(pool, "payments", command_id, "OPERATOR_CANCEL")
+    assert audit["details_json"]["operator"] == "ops@example.com"
+    assert audit["details_json"]["via"] == "signal"
+    replies = await replies_for(pool, "payments__replies", command_id)
+    assert [r["reason"] for r in replies] == ["Superseded"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"reason": "  "},
+        {"operator": "jane"},
+        {"reason": "ok", "reasn": "typo"},
+        {"reason": 42},
+        "cancel it",
+        None,
+    ],
+)
+async def test_malformed_cancel_signal_is_refused_visibly(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client, raw: Any
+) -> None:
+    """A bad `cancel` signal changes nothing, shows in `state` and in the audit trail."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    wid = await tsq.start_workflow(domain, command_id)
+    await temporal.get_workflow_handle(wid).signal("cancel", raw)
+    await assert_eventually(
+        lambda: audit_rows(pool, domain, command_id, "TSQ_SIGNAL_REFUSED"),
+        lambda rows: len(rows) == 1,
+    )
+    state = await _state(temporal, wid)
+    assert state.state == "AWAITING_OPERATOR"
+    assert [r.handler for r in state.refused] == ["cancel"]
+    assert await status_of(pool, domain, command_id) == "IN_TROUBLESHOOTING_QUEUE"
+    assert await _effects(pool, domain, command_id) == (0, 0)
+    # The workflow still takes a good decision afterwards.
+    await tsq.operator_cancel(domain, command_id, "Invalid account")
+    assert await _effects(pool, domain, command_id) == (1, 1)
+
+
+async def test_second_decision_is_refused(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """Once decided, a second cancel is refused (update) or recorded as refused (signal)."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    wid = await tsq.start_workflow(domain, command_id)
+    handle = temporal.get_workflow_handle(wid)
+    await handle.signal("cancel", {"reason": "first", "operator": "a"})
+    await handle.signal("cancel", {"reason": "second", "operator": "b"})
+    await handle.result()
+    assert await _effects(pool, domain, command_id) == (1, 1)
+    [audit] = await audit_rows(pool, domain, command_id, "OPERATOR_CANCEL")
+    assert audit["details_json"]["reason"] == "first"
+    refused = await audit_rows(pool, domain, command_id, "TSQ_SIGNAL_REFUSED")
+    assert len(refused) == 1 and "already has a decision" in refused[0]["details_json"]["problem"]
+    with pytest.raises(InvalidOperationError, match="CANCELED"):
+        await tsq.operator_cancel(domain, command_id, "third")
+
+
+async def test_concurrent_updates_carry_out_one_decision(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """Ten updates at once: one carries out, nine are refused, one audit row and one reply."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    wid = await tsq.start_workflow(domain, command_id)
+    handle = temporal.get_workflow_handle(wid)
+    results = await asyncio.gather(
+        *(
+            handle.execute_update("operator_cancel", {"reason": f"r{i}", "operator": f"op{i}"})
+            for i in range(10)
+        ),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, WorkflowUpdateFailedError)]
+    assert len(failures) == 9
+    assert await _effects(pool, domain, command_id) == (1, 1)
+
+
+async def test_update_with_blank_reason_is_rejected_and_writes_nothing(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """The `operator_cancel` validator refuses a blank reason; no history, no audit."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    wid = await tsq.start_workflow(domain, command_id)
+    handle = temporal.get_workflow_handle(wid)
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update("operator_cancel", {"reason": " "})
+    assert "reason" in str(refused.value.cause)
+    assert await audit_rows(pool, domain, command_id) == []
+    assert (await _state(temporal, wid)).state == "AWAITING_OPERATOR"
+
+
+async def test_cancel_without_reply_queue_sends_nothing_and_audit_says_so(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """No reply queue: CANCELED, no reply anywhere, and the audit row explains why."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain, reply_queue=None)
+    outcome = await tsq.operator_cancel(domain, command_id, "Not needed")
+    assert outcome is not None and outcome.reply_queue is None and outcome.reply_msg_id is None
+    assert await status_of(pool, domain, command_id) == "CANCELED"
+    [audit] = await audit_rows(pool, domain, command_id, "OPERATOR_CANCEL")
+    assert audit["details_json"]["reply_to"] is None
+    assert "no reply" in audit["details_json"]["note"]
+    assert await replies_for(pool, f"{domain}__replies", command_id) == []
+
+
+async def test_invalid_reply_queue_refuses_cancel_and_changes_nothing(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """A reply queue that is no PGMQ name: refused, command untouched, workflow still waiting."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain, reply_queue="bad-name; drop table x")
+    with pytest.raises(InvalidInputError, match="not a valid PGMQ queue name"):
+        await tsq.operator_cancel(domain, command_id, "Invalid account")
+    assert await status_of(pool, domain, command_id) == "IN_TROUBLESHOOTING_QUEUE"
+    assert await audit_rows(pool, domain, command_id, "OPERATOR_CANCEL") == []
+    state = await _state(temporal, workflow_id(domain, command_id))
+    assert state.state == "AWAITING_OPERATOR"
+    description = await temporal.get_workflow_handle(workflow_id(domain, command_id)).describe()
+    assert description.raw_description.pending_activities == []
+
+
+async def test_command_decided_outside_tsq_is_not_overwritten(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """Another tool completed the command while its workflow waited: nothing is overwritten."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    wid = await tsq.start_workflow(domain, command_id)
+    await pool.execute(
+        "UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = $1", command_id
+    )
+    handle = temporal.get_workflow_handle(wid, result_type=DecisionOutcome)
+    await handle.signal("cancel", {"reason": "too late"})
+    result = await handle.result()
+    assert not result.carried_out and result.status == "COMPLETED"
+    assert "outside tsq" in result.detail
+    assert await status_of(pool, domain, command_id) == "COMPLETED"
+    assert await _effects(pool, domain, command_id) == (0, 0)
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(TSQ_STATE) == "DECIDED_ELSEWHERE"
+
+
+async def test_cancel_moves_batch_counters_and_closes_batch(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """Cancel of a batch's last open command: in_troubleshooting -1, canceled +1, batch closed."""
+    domain = new_domain()
+    batch_id = uuid.uuid4()
+    await pool.execute(
+        """
+        INSERT INTO commandbus.batch (domain, batch_id, status, total_count, completed_count,
+            in_troubleshooting_count)
+        VALUES ($1, $2, 'IN_PROGRESS', 2, 1, 1)
+        """,
+        domain,
+        batch_id,
+    )
+    command_id = await seed_command(pool, domain, batch_id=batch_id)
+    await tsq.operator_cancel(domain, command_id, "Invalid account")
+    batch = await pool.fetchrow(
+        "SELECT * FROM commandbus.batch WHERE domain = $1 AND batch_id = $2", domain, batch_id
+    )
+    assert (batch["in_troubleshooting_count"], batch["canceled_count"]) == (0, 1)
+    assert batch["status"] == "COMPLETED_WITH_FAILURES" and batch["completed_at"] is not None
+    closed = await audit_rows(pool, domain, batch_id, "BATCH_COMPLETED")
+    assert len(closed) == 1
+
+
+async def test_move_to_troubleshooting_twice_is_one_move(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """Moving the same command twice writes one MOVED_TO_TSQ row and keeps one workflow run."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain, status="IN_PROGRESS")
+    first = await tsq.move_to_troubleshooting(domain, command_id, error_type="PERMANENT")
+    run_id = (await temporal.get_workflow_handle(first).describe()).run_id
+    second = await tsq.move_to_troubleshooting(domain, command_id, error_type="PERMANENT")
+    assert first == second
+    assert (await temporal.get_workflow_handle(second).describe()).run_id == run_id
+    assert len(await audit_rows(pool, domain, command_id, "MOVED_TO_TSQ")) == 1
+
+
+async def test_move_of_finished_command_is_refused(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A COMPLETED command cannot be parked; nothing changes."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain, status="COMPLETED")
+    with pytest.raises(InvalidOperationError, match="COMPLETED"):
+        await tsq.move_to_troubleshooting(domain, command_id, error_type="PERMANENT")
+    assert await status_of(pool, domain, command_id) == "COMPLETED"
+    assert await audit_rows(pool, domain, command_id) == []
+
+
+async def test_sync_starts_workflows_only_where_missing(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """`sync` starts a workflow for each parked command without one, and only those."""
+    domain = new_domain()
+    with_workflow = await seed_command(pool, domain)
+    await tsq.start_workflow(domain, with_workflow)
+    without = [await seed_command(pool, domain) for _ in range(3)]
+    await seed_command(pool, domain, status="PENDING")
+    report = await tsq.sync(domain)
+    assert sorted(report.started) == sorted(workflow_id(domain, c) for c in without)
+    assert report.already_running == [workflow_id(domain, with_workflow)]
+    again = await tsq.sync(domain)
+    assert again.started == [] and len(again.already_running) == 4
+
+
+async def test_carry_out_run_twice_has_one_effect(pool: asyncpg.Pool) -> None:
+    """The activity run again after its transaction committed returns the first outcome."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    request = CarryOut(
+        effect_key=f"test/{uuid.uuid4()}/decision",
+        workflow_id=workflow_id(domain, command_id),
+        domain=domain,
+        command_id=command_id,
+        decision=DecisionKind.CANCEL,
+        reason="Invalid account",
+        operator="jane",
+        via="signal",
+    )
+    activities = TroubleshootingActivities(pool)
+    first, second, third = await asyncio.gather(*(activities.carry_out(request) for _ in range(3)))
+    assert first == second == third and first.carried_out
+    assert await _effects(pool, domain, command_id) == (1, 1)
+
+
+class _FailsAfterCommit(TroubleshootingActivities):
+    """Commits the decision, then fails the attempt once, as a worker crash after commit would."""
+
+    failed: set[str]
+
+    @activity.defn(name="tsq.carry_out")
+    async def carry_out(self, req: CarryOut) -> DecisionOutcome:
+        outcome = await super().carry_out(req)
+        if req.effect_key not in self.failed:
+            self.failed.add(req.effect_key)
+            raise RuntimeError("connection lost after commit")
+        return outcome
+
+
+async def test_activity_retried_after_commit_has_one_effect(
+    pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """A decision whose first attempt committed then failed: one status change, audit, reply."""
+    from temporalio.worker import Worker
+
+    from workflows.troubleshooting import TroubleshootingWorkflow
+
+    task_queue = f"tsq-flaky-{uuid.uuid4().hex[:8]}"
+    acts = _FailsAfterCommit(pool)
+    acts.failed = set()
+    client = TroubleshootingClient(temporal, pool, task_queue=task_queue)
+    domain = new_domain()
+    command_ids = [await seed_command(pool, domain) for _ in range(5)]
+    async with Worker(
+        temporal,
+        task_queue=task_queue,
+        workflows=[TroubleshootingWorkflow],
+        activities=[acts.carry_out, acts.record_refusal],
+    ):
+        outcomes = await asyncio.gather(
+            *(client.operator_cancel(domain, c, "Invalid account") for c in command_ids)
+        )
+    assert len(acts.failed) == 5
+    assert all(o is not None and o.carried_out for o in outcomes)
+    for command_id in command_ids:
+        assert await status_of(pool, domain, command_id) == "CANCELED"
+        assert await _effects(pool, domain, command_id) == (1, 1)
+    changes = await pool.fetchval(
+        "SELECT count(*) FROM tsq.effect WHERE domain = $1 AND kind = 'cancel'", domain
+    )
+    assert changes == 5

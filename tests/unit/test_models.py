@@ -1,0 +1,140 @@
+"""Pure logic: input validation, reply shape, UI rendering, settings."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+
+from activities import cancel_reply
+from tsq.db import check_queue_name
+from tsq.errors import InvalidInputError
+from tsq.settings import Settings
+from workflows import workflow_id
+from workflows.details import render_details, render_summary
+from workflows.models import CancelRequest, CommandSnapshot, StateView, TsqState, describe_input
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"reason": ""},
+        {"reason": "   "},
+        {"operator": "jane"},
+        {"reason": "x" * 2001},
+        {"reason": "nul \x00 inside"},
+        {"reason": "ok", "operator": "o" * 201},
+        {"reason": "ok", "reasn": "typo"},
+        {"reason": ["a"]},
+        "just text",
+        None,
+    ],
+)
+def test_cancel_request_refuses_bad_input(raw: object) -> None:
+    """Blank, missing, oversized, unstorable, unknown or wrongly typed input is refused."""
+    with pytest.raises(ValidationError):
+        CancelRequest.model_validate(raw)
+
+
+@pytest.mark.parametrize(
+    "reason", ["'; DROP TABLE commandbus.command; --", "انتهى ✅ e\u0301", "x" * 2000]
+)
+def test_cancel_request_keeps_text_exactly(reason: str) -> None:
+    """Storable text is kept exactly as typed, SQL-looking or not."""
+    assert CancelRequest.model_validate({"reason": reason}).reason == reason
+
+
+def test_workflow_id_format() -> None:
+    """Workflow ids are tsq:<domain>:<command_id>."""
+    command_id = uuid.uuid4()
+    assert workflow_id("payments", command_id) == f"tsq:payments:{command_id}"
+
+
+@pytest.mark.parametrize("name", ["payments__replies", "_x", "a" * 47])
+def test_valid_queue_names_pass(name: str) -> None:
+    """Plain identifiers up to 47 characters are PGMQ queue names."""
+    assert check_queue_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a" * 48, "bad-name", "x; drop table y", "1abc", "é"])
+def test_invalid_queue_names_are_refused(name: str) -> None:
+    """Anything that would not be a plain table-name suffix is refused."""
+    with pytest.raises(InvalidInputError):
+        check_queue_name(name)
+
+
+def test_cancel_reply_reads_for_both_kinds_of_consumer() -> None:
+    """Spec 7.2 fields and the reference library's fields carry the same facts."""
+    command_id, correlation_id = uuid.uuid4(), uuid.uuid4()
+    row = {
+        "command_id": command_id,
+        "correlation_id": correlation_id,
+        "domain": "payments",
+        "command_type": "DebitAccount",
+    }
+    reply = cancel_reply(row, "Invalid account", datetime(2026, 1, 2, tzinfo=UTC))  # type: ignore[arg-type]
+    assert reply["command_id"] == str(command_id)
+    assert reply["correlation_id"] == str(correlation_id)
+    assert reply["outcome"] == "CANCELED"
+    assert reply["error"] == {
+        "code": "OPERATOR_CANCEL",
+        "message": "Invalid account",
+        "class": "OperatorCancel",
+    }
+    assert reply["error_message"] == reply["reason"] == "Invalid account"
+    assert reply["data"] is None and reply["result"] is None
+    assert reply["completed_at"] == "2026-01-02T00:00:00+00:00"
+
+
+def _snapshot() -> CommandSnapshot:
+    return CommandSnapshot(
+        domain="payments",
+        command_id=uuid.UUID(int=1),
+        command_type="DebitAccount",
+        reply_queue="payments__replies",
+        attempts=3,
+        max_attempts=3,
+        last_error_type="PERMANENT",
+        last_error_code="ACCOUNT_CLOSED",
+        last_error_msg="closed | really",
+    )
+
+
+def test_details_show_command_error_and_how_to_cancel() -> None:
+    """The waiting workflow's details name the command, its error and the JSON to paste."""
+    command = _snapshot()
+    text = render_details(
+        command,
+        TsqState.AWAITING_OPERATOR,
+        StateView(command=command, state=TsqState.AWAITING_OPERATOR),
+        failed_attempts=[],
+    )
+    assert str(command.command_id) in text
+    assert "ACCOUNT_CLOSED" in text and "closed \\| really" in text
+    assert '{"reason": "Invalid account", "operator": "you@example.com"}' in text
+    assert "payments__replies" in text
+
+
+def test_summary_is_one_line() -> None:
+    """The static summary fits the workflow list: domain, type, id, error code."""
+    summary = render_summary(_snapshot())
+    assert "\n" not in summary and "ACCOUNT_CLOSED" in summary
+
+
+def test_describe_input_is_short_and_storable() -> None:
+    """Refused input is kept short and without NUL characters."""
+    text = describe_input({"reason": "\x00" + "x" * 1000})
+    assert "\x00" not in text and len(text) < 600
+
+
+def test_settings_prefer_tsq_database_url() -> None:
+    """TSQ_DATABASE_URL wins over DATABASE_URL; Temporal defaults to localhost:7233."""
+    settings = Settings.from_env({"TSQ_DATABASE_URL": "postgresql://a/b", "DATABASE_URL": "x"})
+    assert settings.database_url == "postgresql://a/b"
+    assert settings.temporal_address == "localhost:7233"
+    assert settings.task_queue == "troubleshooting"
+    assert (
+        Settings.from_env({"DATABASE_URL": "postgresql://c/d"}).database_url == "postgresql://c/d"
+    )
