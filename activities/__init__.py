@@ -16,37 +16,55 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from tsq.db import TSQ_STATUS, check_queue_name, ensure_queue
-from tsq.errors import InvalidInputError
+from tsq.errors import InvalidInputError, InvalidOperationError
 from workflows.models import CarryOut, DecisionKind, DecisionOutcome, RecordRefusal
 
 # A decision that waits longer than this on a row lock fails the attempt and is retried later,
 # instead of holding a connection while another tool keeps the row locked.
 LOCK_TIMEOUT = "5s"
 
+_STATUS_AFTER = {
+    DecisionKind.CANCEL: "CANCELED",
+    DecisionKind.COMPLETE: "COMPLETED",
+    DecisionKind.RETRY: "PENDING",
+}
 
-def cancel_reply(row: asyncpg.Record, reason: str, now: datetime) -> dict[str, Any]:
-    """The CANCELED reply, readable by spec 7.2 consumers and by the reference library's.
 
-    Spec 7.2 consumers read `error` and `data`; the reference library's read `result`,
+def reply_body(
+    row: asyncpg.Record | dict[str, Any],
+    *,
+    outcome: str,
+    now: datetime,
+    reason: str | None = None,
+    result_data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A reply readable by spec 7.2 consumers and by the reference library's.
+
+    Spec 7.2 consumers read `data` and `error`; the reference library's read `result`,
     `error_code`, `error_message` and, for a cancel, `reason`.
     """
-    command_id = str(row["command_id"])
-    correlation_id = str(row["correlation_id"]) if row["correlation_id"] else None
-    return {
-        "command_id": command_id,
-        "correlation_id": correlation_id,
+    body: dict[str, Any] = {
+        "command_id": str(row["command_id"]),
+        "correlation_id": str(row["correlation_id"]) if row["correlation_id"] else None,
         "domain": row["domain"],
         "type": f"{row['command_type']}Response",
         "command_type": row["command_type"],
-        "outcome": "CANCELED",
+        "outcome": outcome,
         "completed_at": now.isoformat(),
-        "data": None,
-        "result": None,
-        "error": {"code": "OPERATOR_CANCEL", "message": reason, "class": "OperatorCancel"},
-        "error_code": "OPERATOR_CANCEL",
-        "error_message": reason,
-        "reason": reason,
+        "data": result_data,
+        "result": result_data,
+        "error": None,
+        "error_code": None,
+        "error_message": None,
     }
+    if reason is not None:
+        body.update(
+            error={"code": "OPERATOR_CANCEL", "message": reason, "class": "OperatorCancel"},
+            error_code="OPERATOR_CANCEL",
+            error_message=reason,
+            reason=reason,
+        )
+    return body
 
 
 class TroubleshootingActivities:
@@ -63,21 +81,24 @@ class TroubleshootingActivities:
             done = await _recorded(conn, req.effect_key)
             if done is not None:
                 return done
-            if req.decision is not DecisionKind.CANCEL:
-                raise ApplicationError(
-                    f"unknown decision {req.decision!r}",
-                    type=InvalidInputError.__name__,
-                    non_retryable=True,
-                )
+            # The guarded transition: only a command still waiting in the troubleshooting
+            # queue is changed; the row stays locked until the transaction ends.
             row = await conn.fetchrow(
                 """
-                UPDATE commandbus.command SET status = 'CANCELED', updated_at = now()
+                UPDATE commandbus.command
+                SET status = $4, updated_at = now(),
+                    attempts = CASE WHEN $5 THEN 0 ELSE attempts END,
+                    last_error_type = CASE WHEN $5 THEN NULL ELSE last_error_type END,
+                    last_error_code = CASE WHEN $5 THEN NULL ELSE last_error_code END,
+                    last_error_msg = CASE WHEN $5 THEN NULL ELSE last_error_msg END
                 WHERE domain = $1 AND command_id = $2 AND status = $3
-                RETURNING domain, command_id, command_type, correlation_id, reply_queue, batch_id
+                RETURNING *
                 """,
                 req.domain,
                 req.command_id,
                 TSQ_STATUS,
+                _STATUS_AFTER[req.decision],
+                req.decision is DecisionKind.RETRY,
             )
             if row is None:
                 outcome = await _not_decidable(conn, req)
@@ -85,8 +106,10 @@ class TroubleshootingActivities:
                     done = await _recorded(conn, req.effect_key)
                     assert done is not None
                     return done
+            elif req.decision is DecisionKind.RETRY:
+                outcome = await _retry(conn, req, row)
             else:
-                outcome = await _cancel(conn, req, row)
+                outcome = await _reply_and_audit(conn, req, row)
             await conn.execute(
                 """
                 INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
@@ -117,20 +140,60 @@ class TroubleshootingActivities:
                 req.refusal.model_dump(mode="json"),
             )
             if inserted:
-                await conn.execute(
-                    """
-                    INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-                    VALUES ($1, $2, 'TSQ_SIGNAL_REFUSED', $3)
-                    """,
+                await _audit(
+                    conn,
                     req.domain,
                     req.command_id,
+                    "TSQ_SIGNAL_REFUSED",
                     {**req.refusal.model_dump(mode="json"), "workflow_id": req.workflow_id},
                 )
+
+
+def _refusal(message: str, error: type[Exception]) -> ApplicationError:
+    """A non-retryable error: raising it rolls the whole transaction back."""
+    return ApplicationError(message, type=error.__name__, non_retryable=True)
 
 
 async def _recorded(conn: asyncpg.Connection, effect_key: str) -> DecisionOutcome | None:
     result = await conn.fetchval("SELECT result FROM tsq.effect WHERE effect_key = $1", effect_key)
     return None if result is None else DecisionOutcome.model_validate(result)
+
+
+async def _audit(
+    conn: asyncpg.Connection, domain: str, command_id: Any, event: str, details: dict[str, Any]
+) -> int:
+    audit_id: int = await conn.fetchval(
+        """
+        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+        VALUES ($1, $2, $3, $4) RETURNING audit_id
+        """,
+        domain,
+        command_id,
+        event,
+        details,
+    )
+    return audit_id
+
+
+async def _send(conn: asyncpg.Connection, queue: str, message: dict[str, Any]) -> int:
+    msg_id: int = await conn.fetchval(
+        "SELECT * FROM pgmq.send($1::text, $2::jsonb)", queue, message
+    )
+    # Consumers of the reference command bus wait on this channel for new messages.
+    await conn.execute("SELECT pg_notify($1, '')", f"pgmq_notify_{queue}")
+    return msg_id
+
+
+async def _move_batch(conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record) -> None:
+    if row["batch_id"] is None:
+        return
+    # The command bus's own counter functions (or tsq's equivalents where it had none).
+    function = {
+        DecisionKind.CANCEL: "SELECT commandbus.sp_tsq_cancel($1, $2)",
+        DecisionKind.COMPLETE: "SELECT commandbus.sp_tsq_complete($1, $2)",
+        DecisionKind.RETRY: "SELECT commandbus.sp_tsq_retry($1, $2)",
+    }[req.decision]
+    await conn.execute(function, req.domain, row["batch_id"])
 
 
 async def _not_decidable(conn: asyncpg.Connection, req: CarryOut) -> DecisionOutcome | None:
@@ -159,61 +222,118 @@ async def _not_decidable(conn: asyncpg.Connection, req: CarryOut) -> DecisionOut
     )
 
 
-async def _cancel(conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record) -> DecisionOutcome:
-    assert req.reason is not None
+async def _reply_and_audit(
+    conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record
+) -> DecisionOutcome:
+    """Cancel or complete: the reply (if the command has a reply queue) and the audit row."""
+    cancel = req.decision is DecisionKind.CANCEL
     reply_queue: str | None = row["reply_queue"] or None
     reply_msg_id: int | None = None
     if reply_queue is not None:
         try:
             await ensure_queue(conn, check_queue_name(reply_queue))
         except InvalidInputError as err:
-            # Raising rolls the status change back: the command stays in the queue, untouched.
-            raise ApplicationError(
-                f"cannot send the reply of command {req.command_id}: {err}",
-                type=InvalidInputError.__name__,
-                non_retryable=True,
+            raise _refusal(
+                f"cannot send the reply of command {req.command_id}: {err}", InvalidInputError
             ) from None
-        now = datetime.now(UTC)
-        reply_msg_id = await conn.fetchval(
-            "SELECT * FROM pgmq.send($1::text, $2::jsonb)",
-            reply_queue,
-            cancel_reply(row, req.reason, now),
+        body = reply_body(
+            row,
+            outcome="CANCELED" if cancel else "SUCCESS",
+            now=datetime.now(UTC),
+            reason=req.reason if cancel else None,
+            result_data=None if cancel else req.result_data,
         )
-        # Consumers of the reference command bus wait on this channel for new messages.
-        await conn.execute("SELECT pg_notify($1, '')", f"pgmq_notify_{reply_queue}")
-    details = {
-        "operator": req.operator,
-        "reason": req.reason,
-        "reply_to": reply_queue,
-        "reply_msg_id": reply_msg_id,
-        "workflow_id": req.workflow_id,
-        "via": req.via,
-    }
+        reply_msg_id = await _send(conn, reply_queue, body)
+    details: dict[str, Any] = {"operator": req.operator}
+    if cancel:
+        details["reason"] = req.reason
+    else:
+        details.update(has_result_data=req.result_data is not None, result_data=req.result_data)
+    details.update(
+        reply_to=reply_queue,
+        reply_msg_id=reply_msg_id,
+        workflow_id=req.workflow_id,
+        via=req.via,
+    )
     if reply_queue is None:
         details["note"] = "the command has no reply queue: no reply was sent"
-    audit_id = await conn.fetchval(
-        """
-        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-        VALUES ($1, $2, 'OPERATOR_CANCEL', $3) RETURNING audit_id
-        """,
-        req.domain,
-        req.command_id,
-        details,
-    )
-    if row["batch_id"] is not None:
-        await conn.execute("SELECT commandbus.sp_tsq_cancel($1, $2)", req.domain, row["batch_id"])
+    event = "OPERATOR_CANCEL" if cancel else "OPERATOR_COMPLETE"
+    audit_id = await _audit(conn, req.domain, req.command_id, event, details)
+    await _move_batch(conn, req, row)
+    verb = "canceled" if cancel else "completed"
     return DecisionOutcome(
         decision=req.decision,
         carried_out=True,
-        status="CANCELED",
+        status=_STATUS_AFTER[req.decision],
         operator=req.operator,
         reason=req.reason,
         reply_queue=reply_queue,
         reply_msg_id=reply_msg_id,
         audit_id=audit_id,
         detail=(
-            f"canceled; reply {reply_msg_id} sent to {reply_queue}"
+            f"{verb}; reply {reply_msg_id} sent to {reply_queue}"
             if reply_queue
-            else "canceled; no reply queue, no reply sent"
+            else f"{verb}; no reply queue, no reply sent"
         ),
+    )
+
+
+async def _retry(conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record) -> DecisionOutcome:
+    """Send the command's original message again to its queue; the command runs anew."""
+    queue = row["queue_name"] or f"{req.domain}__commands"
+    payload = await conn.fetchval(
+        "SELECT tsq.archived_message($1, $2, $3)", queue, row["msg_id"], req.command_id
+    )
+    source = f"pgmq.a_{queue}"
+    if payload is None:
+        payload = await conn.fetchval(
+            """
+            SELECT payload_json FROM commandbus.payload_archive
+            WHERE domain = $1 AND command_id = $2
+            """,
+            req.domain,
+            req.command_id,
+        )
+        source = "commandbus.payload_archive"
+    if payload is None:
+        raise _refusal(
+            f"cannot retry command {req.command_id}: its original message is neither in "
+            f"pgmq.a_{queue} (msg_id {row['msg_id']}) nor in commandbus.payload_archive; "
+            "nothing was changed",
+            InvalidOperationError,
+        )
+    try:
+        await ensure_queue(conn, check_queue_name(queue))
+    except InvalidInputError as err:
+        raise _refusal(f"cannot retry command {req.command_id}: {err}", InvalidInputError) from None
+    new_msg_id = await _send(conn, queue, payload)
+    await conn.execute(
+        "UPDATE commandbus.command SET msg_id = $3 WHERE domain = $1 AND command_id = $2",
+        req.domain,
+        req.command_id,
+        new_msg_id,
+    )
+    audit_id = await _audit(
+        conn,
+        req.domain,
+        req.command_id,
+        "OPERATOR_RETRY",
+        {
+            "operator": req.operator,
+            "new_msg_id": new_msg_id,
+            "old_msg_id": row["msg_id"],
+            "payload_from": source,
+            "workflow_id": req.workflow_id,
+            "via": req.via,
+        },
+    )
+    await _move_batch(conn, req, row)
+    return DecisionOutcome(
+        decision=req.decision,
+        carried_out=True,
+        status="PENDING",
+        operator=req.operator,
+        new_msg_id=new_msg_id,
+        audit_id=audit_id,
+        detail=f"retried; message {new_msg_id} sent to {queue}",
     )

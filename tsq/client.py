@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
@@ -24,6 +25,7 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
 )
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from tsq.db import TSQ_STATUS, create_pool
 from tsq.errors import (
@@ -35,6 +37,7 @@ from tsq.errors import (
 )
 from tsq.settings import Settings
 from tsq.temporal import connect
+from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem
 from workflows import (
     COMMAND_DOMAIN,
     COMMAND_TYPE,
@@ -45,14 +48,20 @@ from workflows import (
 from workflows.details import render_summary
 from workflows.models import (
     DOMAIN_PATTERN,
-    CancelRequest,
+    REQUEST_MODELS,
     CommandSnapshot,
+    DecisionKind,
     DecisionOutcome,
+    DecisionRequest,
+    StateView,
     TsqState,
 )
 from workflows.troubleshooting import TroubleshootingWorkflow
 
 _TERMINAL = ("COMPLETED", "CANCELED")
+MAX_PAGE = 1000
+QUERY_TIMEOUT = timedelta(seconds=10)
+UPDATE_ATTEMPTS = 3
 
 
 @dataclass
@@ -102,6 +111,27 @@ def _snapshot(row: asyncpg.Record) -> CommandSnapshot:
         batch_id=row["batch_id"],
         created_at=row["created_at"],
         parked_at=row["updated_at"],
+    )
+
+
+def _item(row: asyncpg.Record) -> TroubleshootingItem:
+    return TroubleshootingItem(
+        domain=row["domain"],
+        command_id=row["command_id"],
+        command_type=row["command_type"],
+        status=row["status"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        last_error=LastError(
+            type=row["last_error_type"], code=row["last_error_code"], message=row["last_error_msg"]
+        ),
+        correlation_id=row["correlation_id"],
+        reply_to=row["reply_queue"] or None,
+        batch_id=row["batch_id"],
+        msg_id=row["msg_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        payload=row["payload"],
     )
 
 
@@ -166,30 +196,98 @@ class TroubleshootingClient:
         operator: str | None = None,
         wait: bool = True,
     ) -> DecisionOutcome | None:
-        """Cancel a command in the troubleshooting queue.
+        """Cancel: status CANCELED, OPERATOR_CANCEL audit, CANCELED reply with the reason.
 
         Returns the outcome once status, audit and reply are done; with `wait=False`, returns
         None as soon as the workflow has accepted the decision. Raises `CommandNotFoundError`,
         `InvalidOperationError` (not in the troubleshooting queue, already decided) or
         `InvalidInputError` (blank reason, bad id); in every such case nothing changed.
         """
+        return await self._decide(
+            DecisionKind.CANCEL,
+            domain,
+            command_id,
+            {"reason": reason, "operator": operator},
+            wait=wait,
+        )
+
+    async def operator_retry(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        operator: str | None = None,
+        wait: bool = True,
+    ) -> DecisionOutcome | None:
+        """Retry: the original message is sent again to its queue; status PENDING, attempts 0.
+
+        Raises like `operator_cancel`, and `InvalidOperationError` when the original message
+        can be found neither in the queue's PGMQ archive nor in `commandbus.payload_archive`.
+        """
+        return await self._decide(
+            DecisionKind.RETRY, domain, command_id, {"operator": operator}, wait=wait
+        )
+
+    async def operator_complete(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        result_data: dict[str, Any] | None = None,
+        operator: str | None = None,
+        wait: bool = True,
+    ) -> DecisionOutcome | None:
+        """Complete: status COMPLETED, OPERATOR_COMPLETE audit, SUCCESS reply with result_data."""
+        return await self._decide(
+            DecisionKind.COMPLETE,
+            domain,
+            command_id,
+            {"result_data": result_data, "operator": operator},
+            wait=wait,
+        )
+
+    async def _decide(
+        self,
+        kind: DecisionKind,
+        domain: str,
+        command_id: str | UUID,
+        fields: dict[str, Any],
+        *,
+        wait: bool,
+    ) -> DecisionOutcome | None:
         try:
-            request = CancelRequest(reason=reason, operator=operator)
+            request = REQUEST_MODELS[kind].model_validate(fields)
         except ValidationError as err:
             raise _input_error(err) from None
-        row = await self._decidable(_domain(domain), _command_uuid(command_id), "canceled")
-        start = self._start_operation(_snapshot(row))
+        domain, cid = _domain(domain), _command_uuid(command_id)
+        for attempt in range(1, UPDATE_ATTEMPTS + 1):
+            row = await self._decidable(domain, cid)
+            try:
+                return await self._send_update(kind, request, _snapshot(row), wait=wait)
+            except RPCError as err:
+                # The server drops an update whose workflow task it rejected (the workflow
+                # completed while other messages arrived). Nothing was decided by it: look
+                # at the command again and resend; a decision that won meanwhile is reported.
+                if err.status != RPCStatusCode.FAILED_PRECONDITION or attempt == UPDATE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _send_update(
+        self, kind: DecisionKind, request: DecisionRequest, snapshot: CommandSnapshot, *, wait: bool
+    ) -> DecisionOutcome | None:
+        start = self._start_operation(snapshot)
+        update = f"operator_{kind.value}"
         try:
             if not wait:
                 await self.temporal.start_update_with_start_workflow(
-                    "operator_cancel",
+                    update,
                     request.model_dump(mode="json"),
                     start_workflow_operation=start,
                     wait_for_stage=WorkflowUpdateStage.ACCEPTED,
                 )
                 return None
             outcome: DecisionOutcome = await self.temporal.execute_update_with_start_workflow(
-                "operator_cancel",
+                update,
                 request.model_dump(mode="json"),
                 start_workflow_operation=start,
                 result_type=DecisionOutcome,
@@ -197,6 +295,114 @@ class TroubleshootingClient:
         except WorkflowUpdateFailedError as err:
             raise _from_update_failure(err) from None
         return outcome
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def list_troubleshooting(
+        self,
+        domain: str,
+        *,
+        command_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        error_code: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[TroubleshootingItem]:
+        """Commands waiting in the troubleshooting queue, newest first, with their payload.
+
+        `since`/`until` bound the time the command last changed (when it was parked).
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInputError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
+        if offset < 0:
+            raise InvalidInputError(f"offset must not be negative, not {offset}")
+        rows = await self.pool.fetch(
+            """
+            SELECT c.*, COALESCE(
+                tsq.archived_message(c.queue_name, c.msg_id, c.command_id), p.payload_json
+            ) AS payload
+            FROM commandbus.command c
+            LEFT JOIN commandbus.payload_archive p USING (domain, command_id)
+            WHERE c.domain = $1 AND c.status = $2
+              AND ($3::text IS NULL OR c.command_type = $3)
+              AND ($4::text IS NULL OR c.last_error_code = $4)
+              AND ($5::timestamptz IS NULL OR c.updated_at >= $5)
+              AND ($6::timestamptz IS NULL OR c.updated_at < $6)
+            ORDER BY c.updated_at DESC, c.command_id
+            LIMIT $7 OFFSET $8
+            """,
+            _domain(domain),
+            TSQ_STATUS,
+            command_type,
+            error_code,
+            since,
+            until,
+            limit,
+            offset,
+        )
+        return [_item(row) for row in rows]
+
+    async def get_audit_trail(self, domain: str, command_id: str | UUID) -> list[AuditEvent]:
+        """Every audit event of a command, oldest first."""
+        domain, cid = _domain(domain), _command_uuid(command_id)
+        await self._command(self.pool, domain, cid)
+        rows = await self.pool.fetch(
+            """
+            SELECT audit_id, event_type, ts, details_json FROM commandbus.audit
+            WHERE domain = $1 AND command_id = $2
+            ORDER BY ts, audit_id
+            """,
+            domain,
+            cid,
+        )
+        return [
+            AuditEvent(
+                audit_id=row["audit_id"],
+                event_type=row["event_type"],
+                ts=row["ts"],
+                details=row["details_json"],
+            )
+            for row in rows
+        ]
+
+    async def show(self, domain: str, command_id: str | UUID) -> CommandDetails:
+        """The command, its original message, its workflow's state and its audit trail."""
+        domain, cid = _domain(domain), _command_uuid(command_id)
+        row = await self.pool.fetchrow(
+            """
+            SELECT c.*, COALESCE(
+                tsq.archived_message(c.queue_name, c.msg_id, c.command_id), p.payload_json
+            ) AS payload
+            FROM commandbus.command c
+            LEFT JOIN commandbus.payload_archive p USING (domain, command_id)
+            WHERE c.domain = $1 AND c.command_id = $2
+            """,
+            domain,
+            cid,
+        )
+        if row is None:
+            raise CommandNotFoundError(f"command {cid} not found in domain {domain}")
+        wid = workflow_id(domain, cid)
+        state: StateView | None = None
+        note: str | None = None
+        try:
+            state = await self.temporal.get_workflow_handle(wid).query(
+                "state", result_type=StateView, rpc_timeout=QUERY_TIMEOUT
+            )
+        except RPCError as err:
+            note = (
+                "no workflow (run `tsq sync` to start one)"
+                if err.status == RPCStatusCode.NOT_FOUND
+                else f"workflow state unavailable: {err.message}"
+            )
+        return CommandDetails(
+            command=_item(row),
+            workflow_id=wid,
+            workflow=state,
+            workflow_note=note,
+            audit=await self.get_audit_trail(domain, cid),
+        )
 
     # -- entering the troubleshooting queue ------------------------------------------------------
 
@@ -277,7 +483,7 @@ class TroubleshootingClient:
 
     async def start_workflow(self, domain: str, command_id: str | UUID) -> str:
         """Start the workflow of a command already in the troubleshooting queue (idempotent)."""
-        row = await self._decidable(_domain(domain), _command_uuid(command_id), "decided")
+        row = await self._decidable(_domain(domain), _command_uuid(command_id))
         return await self._ensure_workflow(_snapshot(row))
 
     async def sync(self, domain: str | None = None, *, concurrency: int = 20) -> SyncReport:
@@ -322,12 +528,12 @@ class TroubleshootingClient:
             raise CommandNotFoundError(f"command {cid} not found in domain {domain}")
         return row
 
-    async def _decidable(self, domain: str, cid: UUID, verb: str) -> asyncpg.Record:
+    async def _decidable(self, domain: str, cid: UUID) -> asyncpg.Record:
         row = await self._command(self.pool, domain, cid)
         if row["status"] != TSQ_STATUS:
             raise InvalidOperationError(
                 f"command {cid} in {domain} is {row['status']}, not {TSQ_STATUS}: "
-                f"only a command in the troubleshooting queue can be {verb}"
+                "only a command in the troubleshooting queue can be decided"
             )
         return row
 

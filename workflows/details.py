@@ -5,12 +5,37 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from workflows.models import CommandSnapshot, TsqState
+from workflows.models import CommandSnapshot, DecisionKind, TsqState
 
 if TYPE_CHECKING:
     from workflows.models import StateView
 
-_CANCEL_EXAMPLE = json.dumps({"reason": "Invalid account", "operator": "you@example.com"})
+EXAMPLES = {
+    DecisionKind.CANCEL: {"reason": "Invalid account", "operator": "you@example.com"},
+    DecisionKind.RETRY: {"operator": "you@example.com"},
+    DecisionKind.COMPLETE: {"result_data": {"note": "done by hand"}, "operator": "you@example.com"},
+}
+
+
+def steps_of(kind: DecisionKind, command: CommandSnapshot) -> list[str]:
+    """What carrying out `kind` does to `command`, step by step (all in one transaction)."""
+    if kind is DecisionKind.RETRY:
+        return [
+            f"message re-sent to {command.domain}__commands",
+            "status PENDING, attempts 0",
+            "audit OPERATOR_RETRY",
+        ]
+    status, event, outcome = (
+        ("CANCELED", "OPERATOR_CANCEL", "CANCELED")
+        if kind is DecisionKind.CANCEL
+        else ("COMPLETED", "OPERATOR_COMPLETE", "SUCCESS")
+    )
+    reply = command.reply_queue
+    return [
+        f"status {status}",
+        f"audit {event}",
+        f"reply {outcome} to {reply}" if reply else "no reply (no reply queue)",
+    ]
 
 
 def render_summary(command: CommandSnapshot) -> str:
@@ -48,25 +73,27 @@ def render_details(
         "",
     ]
     if state is TsqState.AWAITING_OPERATOR:
-        reply = (
-            f"a CANCELED reply to `{command.reply_queue}`"
-            if command.reply_queue
-            else ("no reply (the command has no reply queue)")
-        )
         lines += [
             "### Decide",
-            f"- **cancel** — status CANCELED, audit OPERATOR_CANCEL, {reply}.",
-            "  Send a Signal `cancel`, or an Update `operator_cancel`, with:",
-            f"  `{_CANCEL_EXAMPLE}`",
+            "Send a Signal with the JSON below (or an Update `operator_<name>` to get an answer):",
             "",
         ]
+        for kind, example in EXAMPLES.items():
+            lines += [
+                f"- **{kind.value}** — {', '.join(steps_of(kind, command))}",
+                f"  `{json.dumps(example)}`",
+            ]
+        lines.append("")
     if view.decision is not None:
         lines += [
             "### Decision",
             f"- **{view.decision.value}** by {_cell(view.decided_by)}"
             f" at {_cell(view.requested_at)}",
-            f"- Reason: {_cell(view.reason)}",
         ]
+        if view.reason is not None:
+            lines.append(f"- Reason: {_cell(view.reason)}")
+        if view.result_data is not None:
+            lines.append(f"- Result data: `{_cell(json.dumps(view.result_data))}`")
         lines += [f"- {step}: **{progress}**" for step, progress in view.steps.items()]
         if view.outcome is not None:
             lines.append(f"- Outcome: {_cell(view.outcome.detail)}")

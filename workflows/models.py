@@ -7,6 +7,7 @@ text field refuses what PostgreSQL cannot store (NUL characters).
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -41,6 +42,32 @@ Reason = Annotated[
 Operator = Annotated[str, StringConstraints(max_length=200), AfterValidator(_storable)]
 Domain = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
 
+RESULT_DATA_LIMIT = 64_000
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _storable_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if _has_nul(value):
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    text = json.dumps(value, allow_nan=False)  # jsonb has no NaN or Infinity
+    if len(text) > RESULT_DATA_LIMIT:
+        raise ValueError(f"must be at most {RESULT_DATA_LIMIT} characters as JSON")
+    return value
+
+
+ResultData = Annotated[dict[str, Any] | None, AfterValidator(_storable_json)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +75,8 @@ class _Model(BaseModel):
 
 class DecisionKind(StrEnum):
     CANCEL = "cancel"
+    RETRY = "retry"
+    COMPLETE = "complete"
 
 
 class TsqState(StrEnum):
@@ -56,6 +85,10 @@ class TsqState(StrEnum):
     AWAITING_OPERATOR = "AWAITING_OPERATOR"
     CANCELING = "CANCELING"
     CANCELED = "CANCELED"
+    RETRYING = "RETRYING"
+    RETRIED = "RETRIED"
+    COMPLETING = "COMPLETING"
+    COMPLETED = "COMPLETED"
     DECIDED_ELSEWHERE = "DECIDED_ELSEWHERE"
 
 
@@ -84,6 +117,27 @@ class CancelRequest(_Model):
     operator: Operator | None = None
 
 
+class RetryRequest(_Model):
+    """Input of the `retry` signal and the `operator_retry` update."""
+
+    operator: Operator | None = None
+
+
+class CompleteRequest(_Model):
+    """Input of the `complete` signal and the `operator_complete` update."""
+
+    result_data: ResultData = None
+    operator: Operator | None = None
+
+
+DecisionRequest = CancelRequest | RetryRequest | CompleteRequest
+REQUEST_MODELS: dict[DecisionKind, type[DecisionRequest]] = {
+    DecisionKind.CANCEL: CancelRequest,
+    DecisionKind.RETRY: RetryRequest,
+    DecisionKind.COMPLETE: CompleteRequest,
+}
+
+
 class CarryOut(_Model):
     """Input of the activity that carries out a decision."""
 
@@ -94,6 +148,7 @@ class CarryOut(_Model):
     decision: DecisionKind
     reason: str | None = None
     operator: str | None = None
+    result_data: dict[str, Any] | None = None
     via: Literal["signal", "update"]
 
 
@@ -107,6 +162,7 @@ class DecisionOutcome(_Model):
     reason: str | None = None
     reply_queue: str | None = None
     reply_msg_id: int | None = None
+    new_msg_id: int | None = Field(default=None, description="Retry: the re-sent message")
     audit_id: int | None = None
     detail: str
 
@@ -137,6 +193,7 @@ class StateView(_Model):
     decision: DecisionKind | None = None
     decided_by: str | None = None
     reason: str | None = None
+    result_data: dict[str, Any] | None = None
     requested_at: datetime | None = None
     steps: dict[str, str] = Field(default_factory=dict)
     outcome: DecisionOutcome | None = None

@@ -14,13 +14,16 @@ with workflow.unsafe.imports_passed_through():
     from activities import TroubleshootingActivities
     from tsq.errors import InvalidInputError, InvalidOperationError
     from workflows import TSQ_STATE, WORKFLOW_TYPE
-    from workflows.details import render_details
+    from workflows.details import render_details, steps_of
     from workflows.models import (
+        REQUEST_MODELS,
         CancelRequest,
         CarryOut,
         CommandSnapshot,
+        CompleteRequest,
         DecisionKind,
         DecisionOutcome,
+        DecisionRequest,
         RecordRefusal,
         RefusedRequest,
         StateView,
@@ -41,20 +44,31 @@ ACTIVITY_RETRY = RetryPolicy(
     ],
 )
 
-CANCEL_DESCRIPTION = (
-    "Cancel the command: status CANCELED, OPERATOR_CANCEL audit, CANCELED reply. "
-    'Input: {"reason": "why", "operator": "you@example.com"}'
+_CANCEL_INPUT = 'Input: {"reason": "why", "operator": "you@example.com"}'
+_RETRY_INPUT = 'Input: {"operator": "you@example.com"}'
+_COMPLETE_INPUT = 'Input: {"result_data": {...} or null, "operator": "you@example.com"}'
+_ANSWER = (
+    " Answers once it is done; refused, with the reason, if the input is wrong or the "
+    "command was already decided."
 )
-OPERATOR_CANCEL_DESCRIPTION = (
-    "Cancel the command and answer once it is done (refused with a reason if the input is "
-    'wrong or a decision was already made). Input: {"reason": "why", "operator": "you@example.com"}'
+_CANCEL = "Cancel: status CANCELED, OPERATOR_CANCEL audit, CANCELED reply with the reason."
+_RETRY = (
+    "Retry: the original message is sent again to <domain>__commands, status PENDING, "
+    "attempts 0, OPERATOR_RETRY audit; no reply."
 )
+_COMPLETE = "Complete: status COMPLETED, OPERATOR_COMPLETE audit, SUCCESS reply with result_data."
+
+_WORKING = {
+    DecisionKind.CANCEL: (TsqState.CANCELING, TsqState.CANCELED),
+    DecisionKind.RETRY: (TsqState.RETRYING, TsqState.RETRIED),
+    DecisionKind.COMPLETE: (TsqState.COMPLETING, TsqState.COMPLETED),
+}
 
 
 class _Pending:
     """The decision being carried out, and the callers waiting on it."""
 
-    def __init__(self, kind: DecisionKind, request: CancelRequest, via: str) -> None:
+    def __init__(self, kind: DecisionKind, request: DecisionRequest, via: str) -> None:
         self.kind = kind
         self.request = request
         self.via = via
@@ -95,9 +109,11 @@ class TroubleshootingWorkflow:
         return outcome
 
     async def _carry_out(self, pending: _Pending) -> DecisionOutcome | None:
-        self._state = TsqState.CANCELING
+        working, done = _WORKING[pending.kind]
+        self._state = working
         self._publish()
         info = workflow.info()
+        request = pending.request
         try:
             outcome = await workflow.execute_local_activity_method(
                 TroubleshootingActivities.carry_out,
@@ -107,8 +123,11 @@ class TroubleshootingWorkflow:
                     domain=self._command.domain,
                     command_id=self._command.command_id,
                     decision=pending.kind,
-                    reason=pending.request.reason,
-                    operator=pending.request.operator,
+                    reason=request.reason if isinstance(request, CancelRequest) else None,
+                    operator=request.operator,
+                    result_data=(
+                        request.result_data if isinstance(request, CompleteRequest) else None
+                    ),
                     via="update" if pending.via == "update" else "signal",
                 ),
                 start_to_close_timeout=ACTIVITY_TIMEOUT,
@@ -129,25 +148,79 @@ class TroubleshootingWorkflow:
             return None
         pending.outcome = outcome
         self._outcome = outcome
-        self._state = TsqState.CANCELED if outcome.carried_out else TsqState.DECIDED_ELSEWHERE
+        self._state = done if outcome.carried_out else TsqState.DECIDED_ELSEWHERE
         self._publish()
         return outcome
 
-    # -- messages -------------------------------------------------------------------------
+    # -- messages: one signal and one update per decision -----------------------------------
 
-    @workflow.signal(name="cancel", description=CANCEL_DESCRIPTION)
+    @workflow.signal(name="cancel", description=f"{_CANCEL} {_CANCEL_INPUT}")
     async def cancel(self, raw: Any = None) -> None:
+        await self._on_signal(DecisionKind.CANCEL, raw)
+
+    @workflow.signal(name="retry", description=f"{_RETRY} {_RETRY_INPUT}")
+    async def retry(self, raw: Any = None) -> None:
+        await self._on_signal(DecisionKind.RETRY, raw)
+
+    @workflow.signal(name="complete", description=f"{_COMPLETE} {_COMPLETE_INPUT}")
+    async def complete(self, raw: Any = None) -> None:
+        await self._on_signal(DecisionKind.COMPLETE, raw)
+
+    @workflow.update(name="operator_cancel", description=f"{_CANCEL}{_ANSWER} {_CANCEL_INPUT}")
+    async def operator_cancel(self, raw: Any = None) -> DecisionOutcome:
+        return await self._on_update(DecisionKind.CANCEL, raw)
+
+    @operator_cancel.validator
+    def _validate_operator_cancel(self, raw: Any = None) -> None:
+        self._validate(DecisionKind.CANCEL, raw)
+
+    @workflow.update(name="operator_retry", description=f"{_RETRY}{_ANSWER} {_RETRY_INPUT}")
+    async def operator_retry(self, raw: Any = None) -> DecisionOutcome:
+        return await self._on_update(DecisionKind.RETRY, raw)
+
+    @operator_retry.validator
+    def _validate_operator_retry(self, raw: Any = None) -> None:
+        self._validate(DecisionKind.RETRY, raw)
+
+    @workflow.update(
+        name="operator_complete", description=f"{_COMPLETE}{_ANSWER} {_COMPLETE_INPUT}"
+    )
+    async def operator_complete(self, raw: Any = None) -> DecisionOutcome:
+        return await self._on_update(DecisionKind.COMPLETE, raw)
+
+    @operator_complete.validator
+    def _validate_operator_complete(self, raw: Any = None) -> None:
+        self._validate(DecisionKind.COMPLETE, raw)
+
+    @workflow.query(name="state", description="Command, decision, step progress and refusals.")
+    def state(self) -> StateView:
+        pending = self._pending
+        request = pending.request if pending else None
+        return StateView(
+            command=self._command,
+            state=self._state,
+            decision=pending.kind if pending else None,
+            decided_by=request.operator if request else None,
+            reason=request.reason if isinstance(request, CancelRequest) else None,
+            result_data=request.result_data if isinstance(request, CompleteRequest) else None,
+            requested_at=pending.requested_at if pending else None,
+            steps=self._steps(),
+            outcome=self._outcome,
+            refused=list(self._refused),
+        )
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _on_signal(self, kind: DecisionKind, raw: Any) -> None:
         # A signal handler never raises: a bad signal is recorded as refused instead.
         try:
-            request = CancelRequest.model_validate(raw)
-            self._accept(DecisionKind.CANCEL, request, via="signal")
+            request = REQUEST_MODELS[kind].model_validate(raw)
+            self._accept(kind, request, via="signal")
         except (ValidationError, ApplicationError) as err:
-            await self._refuse("cancel", raw, _problem(err))
+            await self._refuse(kind.value, raw, _problem(err))
 
-    @workflow.update(name="operator_cancel", description=OPERATOR_CANCEL_DESCRIPTION)
-    async def operator_cancel(self, raw: Any = None) -> DecisionOutcome:
-        request = _validated(CancelRequest, raw)
-        pending = self._accept(DecisionKind.CANCEL, request, via="update")
+    async def _on_update(self, kind: DecisionKind, raw: Any) -> DecisionOutcome:
+        pending = self._accept(kind, _validated(kind, raw), via="update")
         await workflow.wait_condition(lambda: pending.finished)
         if pending.error is not None:
             raise pending.error
@@ -158,27 +231,9 @@ class TroubleshootingWorkflow:
             )
         return pending.outcome
 
-    @operator_cancel.validator
-    def _validate_operator_cancel(self, raw: Any = None) -> None:
-        _validated(CancelRequest, raw)
+    def _validate(self, kind: DecisionKind, raw: Any) -> None:
+        _validated(kind, raw)
         self._check_undecided()
-
-    @workflow.query(name="state", description="Command, decision, step progress and refusals.")
-    def state(self) -> StateView:
-        pending = self._pending
-        return StateView(
-            command=self._command,
-            state=self._state,
-            decision=pending.kind if pending else None,
-            decided_by=pending.request.operator if pending else None,
-            reason=pending.request.reason if pending else None,
-            requested_at=pending.requested_at if pending else None,
-            steps=self._steps(),
-            outcome=self._outcome,
-            refused=list(self._refused),
-        )
-
-    # -- internals ------------------------------------------------------------------------
 
     def _check_undecided(self) -> None:
         if self._pending is not None:
@@ -189,7 +244,7 @@ class TroubleshootingWorkflow:
                 non_retryable=True,
             )
 
-    def _accept(self, kind: DecisionKind, request: CancelRequest, via: str) -> _Pending:
+    def _accept(self, kind: DecisionKind, request: DecisionRequest, via: str) -> _Pending:
         # No await between the check and the assignment: two handlers in one workflow task
         # cannot both pass.
         self._check_undecided()
@@ -217,14 +272,11 @@ class TroubleshootingWorkflow:
     def _steps(self) -> dict[str, str]:
         if self._pending is None:
             return {}
-        reply = self._command.reply_queue or None
-        steps = ["status CANCELED", "audit OPERATOR_CANCEL"]
-        steps.append(f"reply CANCELED to {reply}" if reply else "no reply (no reply queue)")
         if self._outcome is not None:
             progress = "done" if self._outcome.carried_out else "skipped"
         else:
             progress = "in progress"
-        return dict.fromkeys(steps, progress)
+        return dict.fromkeys(steps_of(self._pending.kind, self._command), progress)
 
     def _publish(self) -> None:
         # Upsert only on change: each upsert is one more history event.
@@ -240,9 +292,9 @@ class TroubleshootingWorkflow:
         )
 
 
-def _validated(model: type[CancelRequest], raw: Any) -> CancelRequest:
+def _validated(kind: DecisionKind, raw: Any) -> DecisionRequest:
     try:
-        return model.model_validate(raw)
+        return REQUEST_MODELS[kind].model_validate(raw)
     except ValidationError as err:
         raise ApplicationError(
             f"invalid input: {_problem(err)}", type=InvalidInputError.__name__, non_retryable=True

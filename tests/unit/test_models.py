@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from activities import cancel_reply
+from activities import reply_body
 from tsq.db import check_queue_name
 from tsq.errors import InvalidInputError
 from tsq.settings import Settings
@@ -74,7 +74,9 @@ def test_cancel_reply_reads_for_both_kinds_of_consumer() -> None:
         "domain": "payments",
         "command_type": "DebitAccount",
     }
-    reply = cancel_reply(row, "Invalid account", datetime(2026, 1, 2, tzinfo=UTC))  # type: ignore[arg-type]
+    reply = reply_body(
+        row, outcome="CANCELED", reason="Invalid account", now=datetime(2026, 1, 2, tzinfo=UTC)
+    )
     assert reply["command_id"] == str(command_id)
     assert reply["correlation_id"] == str(correlation_id)
     assert reply["outcome"] == "CANCELED"

@@ -117,5 +117,19 @@ IF to_regprocedure('commandbus.sp_tsq_cancel(text, uuid)') IS NULL THEN
                ELSE commandbus.sp_update_batch_counters(p_domain, p_batch_id, 'tsq_cancel') END
     $fn$;
 END IF;
+IF to_regprocedure('commandbus.sp_tsq_complete(text, uuid)') IS NULL THEN
+    CREATE FUNCTION commandbus.sp_tsq_complete(p_domain TEXT, p_batch_id UUID)
+    RETURNS BOOLEAN LANGUAGE sql AS $fn$
+        SELECT CASE WHEN p_batch_id IS NULL THEN FALSE
+               ELSE commandbus.sp_update_batch_counters(p_domain, p_batch_id, 'tsq_complete') END
+    $fn$;
+END IF;
+IF to_regprocedure('commandbus.sp_tsq_retry(text, uuid)') IS NULL THEN
+    CREATE FUNCTION commandbus.sp_tsq_retry(p_domain TEXT, p_batch_id UUID)
+    RETURNS BOOLEAN LANGUAGE sql AS $fn$
+        SELECT CASE WHEN p_batch_id IS NULL THEN FALSE
+               ELSE commandbus.sp_update_batch_counters(p_domain, p_batch_id, 'tsq_retry') END
+    $fn$;
+END IF;
 END
 $migration$;

@@ -17,3 +17,33 @@ CREATE INDEX IF NOT EXISTS ix_tsq_effect_command ON tsq.effect (domain, command_
 -- `tsq sync` and the SDK look troubleshooting commands up by domain and status.
 CREATE INDEX IF NOT EXISTS ix_tsq_command_domain_status
     ON commandbus.command (domain, status, updated_at DESC);
+
+-- The original message of a command, from its queue's PGMQ archive: by msg_id, else the newest
+-- message naming the command. The archive table's name depends on the queue, so it is built
+-- here, with the queue name validated and quoted, and callers pass plain parameters.
+CREATE OR REPLACE FUNCTION tsq.archived_message(p_queue TEXT, p_msg_id BIGINT, p_command_id UUID)
+RETURNS JSONB LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    v_table TEXT;
+    v_message JSONB;
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+        RETURN NULL;
+    END IF;
+    v_table := pgmq.format_table_name(p_queue, 'a');
+    IF to_regclass(format('pgmq.%I', v_table)) IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF p_msg_id IS NOT NULL THEN
+        EXECUTE format('SELECT message FROM pgmq.%I WHERE msg_id = $1', v_table)
+            INTO v_message USING p_msg_id;
+    END IF;
+    IF v_message IS NULL THEN
+        EXECUTE format(
+            'SELECT message FROM pgmq.%I WHERE message->>''command_id'' = $1 '
+            'ORDER BY msg_id DESC LIMIT 1', v_table)
+            INTO v_message USING p_command_id::text;
+    END IF;
+    RETURN v_message;
+END;
+$fn$;

@@ -1,0 +1,53 @@
+"""What the SDK's read calls return: plain pydantic models, easy to print as JSON."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel
+
+from workflows.models import StateView
+
+
+class LastError(BaseModel):
+    type: str | None
+    code: str | None
+    message: str | None
+
+
+class TroubleshootingItem(BaseModel):
+    """One command waiting in the troubleshooting queue."""
+
+    domain: str
+    command_id: UUID
+    command_type: str
+    status: str
+    attempts: int
+    max_attempts: int | None
+    last_error: LastError
+    correlation_id: UUID | None
+    reply_to: str | None
+    batch_id: UUID | None
+    msg_id: int | None
+    created_at: datetime
+    updated_at: datetime
+    payload: dict[str, Any] | None
+
+
+class AuditEvent(BaseModel):
+    audit_id: int
+    event_type: str
+    ts: datetime
+    details: dict[str, Any] | None
+
+
+class CommandDetails(BaseModel):
+    """Everything about one command: row, original message, workflow state, audit trail."""
+
+    command: TroubleshootingItem
+    workflow_id: str
+    workflow: StateView | None
+    workflow_note: str | None = None
+    audit: list[AuditEvent]
