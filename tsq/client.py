@@ -45,7 +45,7 @@ from workflows import (
     TSQ_STATE,
     workflow_id,
 )
-from workflows.details import render_summary
+from workflows.details import render_static_details, render_summary
 from workflows.models import (
     DOMAIN_PATTERN,
     REQUEST_MODELS,
@@ -55,6 +55,7 @@ from workflows.models import (
     DecisionRequest,
     StateView,
     TsqState,
+    describe_validation_error,
 )
 from workflows.troubleshooting import TroubleshootingWorkflow
 
@@ -90,10 +91,7 @@ def _domain(value: str) -> str:
 
 
 def _input_error(err: ValidationError) -> InvalidInputError:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
-    )
-    return InvalidInputError(f"invalid input: {problems}")
+    return InvalidInputError(f"invalid input: {describe_validation_error(err)}")
 
 
 def _snapshot(row: asyncpg.Record) -> CommandSnapshot:
@@ -552,6 +550,7 @@ class TroubleshootingClient:
                 ]
             ),
             "static_summary": render_summary(snapshot),
+            "static_details": render_static_details(snapshot),
         }
 
     def _start_operation(self, snapshot: CommandSnapshot) -> WithStartWorkflowOperation[Any, Any]:

@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.failure.v1 import Failure
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DefaultFailureConverter, PayloadConverter
 from temporalio.envconfig import ClientConfig
+from temporalio.exceptions import ApplicationError
 
+from tsq.errors import ERROR_TYPES
 from tsq.settings import Settings
 from workflows import SEARCH_ATTRIBUTES
 
 
+class _OperatorFacingFailures(DefaultFailureConverter):
+    """tsq's own refusals reach operators (Web UI dialogs, CLI): message only, no stack trace."""
+
+    def to_failure(
+        self, exception: BaseException, payload_converter: PayloadConverter, failure: Failure
+    ) -> None:
+        super().to_failure(exception, payload_converter, failure)
+        if isinstance(exception, ApplicationError) and exception.type in ERROR_TYPES:
+            failure.stack_trace = ""
+
+
+DATA_CONVERTER = dataclasses.replace(
+    pydantic_data_converter, failure_converter_class=_OperatorFacingFailures
+)
+
+
 async def connect(settings: Settings) -> Client:
-    """Connect with the pydantic data converter.
+    """Connect with the pydantic data converter (workers built on the client inherit it).
 
     TLS and API key come from Temporal's environment configuration (`TEMPORAL_API_KEY`,
     `TEMPORAL_TLS_*`, `TEMPORAL_PROFILE`), the same variables the `temporal` CLI reads.
@@ -26,7 +47,7 @@ async def connect(settings: Settings) -> Client:
     config: dict[str, Any] = dict(ClientConfig.load_client_connect_config())
     config["target_host"] = settings.temporal_address
     config["namespace"] = settings.temporal_namespace
-    return await Client.connect(**config, data_converter=pydantic_data_converter)
+    return await Client.connect(**config, data_converter=DATA_CONVERTER)
 
 
 async def register_search_attributes(client: Client) -> list[str]:

@@ -1,8 +1,14 @@
-"""What an operator reads in the Temporal Web UI: a one-line summary and the current details."""
+"""What an operator reads in the Temporal Web UI (tab "User Metadata").
+
+- summary: one line in the workflow list and on the workflow page;
+- static details: the command's fixed facts, set once at start;
+- current details: where the decision stands and, while waiting, the exact JSON to send.
+"""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from workflows.models import CommandSnapshot, DecisionKind, TsqState
@@ -15,6 +21,8 @@ EXAMPLES = {
     DecisionKind.RETRY: {"operator": "you@example.com"},
     DecisionKind.COMPLETE: {"result_data": {"note": "done by hand"}, "operator": "you@example.com"},
 }
+# Current details travel in the UI's URLs: keep lists short.
+SHOWN_REFUSALS = 5
 
 
 def steps_of(kind: DecisionKind, command: CommandSnapshot) -> list[str]:
@@ -44,9 +52,39 @@ def render_summary(command: CommandSnapshot) -> str:
     return f"{command.domain} {command.command_type} {command.command_id} — {code}"
 
 
-def _cell(value: object) -> str:
-    text = "—" if value is None or value == "" else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+def _text(value: object) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    return str(value).replace("\n", " ")
+
+
+def _code(value: object) -> str:
+    if value is None or value == "":
+        return "—"
+    # A backtick inside would end the code span early.
+    return "`" + _text(value).replace("`", "'") + "`"
+
+
+def render_static_details(command: CommandSnapshot) -> str:
+    """The command's facts, which do not change while its workflow waits."""
+    error = " ".join(_code(v) for v in (command.last_error_type, command.last_error_code))
+    return "\n".join(
+        [
+            f"- **Domain:** {_code(command.domain)}",
+            f"- **Command type:** {_code(command.command_type)}",
+            f"- **Command id:** {_code(command.command_id)}",
+            f"- **Correlation id:** {_code(command.correlation_id)}",
+            f"- **Reply queue:** {_code(command.reply_queue)}",
+            f"- **Batch:** {_code(command.batch_id)}",
+            f"- **Attempts:** {command.attempts} of {_text(command.max_attempts)}",
+            f"- **Error:** {error}",
+            f"- **Message:** {_text(command.last_error_msg)}",
+            f"- **Created:** {_text(command.created_at)}",
+            f"- **Parked:** {_text(command.parked_at)}",
+        ]
+    )
 
 
 def render_details(
@@ -56,57 +94,63 @@ def render_details(
     *,
     failed_attempts: list[str],
 ) -> str:
-    """Markdown for the UI's "Current details": the command, why it failed, how to decide."""
+    """Markdown for "Current details": the state, how to decide, and what the decision did."""
     lines = [
-        f"## {_cell(command.command_type)} in {_cell(command.domain)} — {state.value}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Command id | `{command.command_id}` |",
-        f"| Correlation id | {_cell(command.correlation_id)} |",
-        f"| Reply queue | {_cell(command.reply_queue)} |",
-        f"| Batch | {_cell(command.batch_id)} |",
-        f"| Attempts | {command.attempts} of {_cell(command.max_attempts)} |",
-        f"| Error | {_cell(command.last_error_type)} `{_cell(command.last_error_code)}` |",
-        f"| Message | {_cell(command.last_error_msg)} |",
-        f"| Parked at | {_cell(command.parked_at)} |",
+        f"## {state.value}",
+        f"{_text(command.command_type)} `{command.command_id}` —"
+        f" {_text(command.last_error_code or command.last_error_type)}:"
+        f" {_text(command.last_error_msg)}",
         "",
     ]
     if state is TsqState.AWAITING_OPERATOR:
         lines += [
             "### Decide",
-            "Send a Signal with the JSON below (or an Update `operator_<name>` to get an answer):",
+            "**More Actions → Send a Signal** with one of these names and JSON inputs, or "
+            "**Send an Update** `operator_<name>` to get an answer. "
+            "(Not *Request Cancellation* or *Terminate*: those stop the workflow, "
+            "not the command.)",
             "",
         ]
         for kind, example in EXAMPLES.items():
             lines += [
-                f"- **{kind.value}** — {', '.join(steps_of(kind, command))}",
-                f"  `{json.dumps(example)}`",
+                f"**{kind.value}** — {', '.join(steps_of(kind, command))}",
+                "```json",
+                json.dumps(example),
+                "```",
             ]
         lines.append("")
     if view.decision is not None:
         lines += [
             "### Decision",
-            f"- **{view.decision.value}** by {_cell(view.decided_by)}"
-            f" at {_cell(view.requested_at)}",
+            f"- **{view.decision.value}** by {_text(view.decided_by)}"
+            f" at {_text(view.requested_at)}",
         ]
         if view.reason is not None:
-            lines.append(f"- Reason: {_cell(view.reason)}")
+            lines.append(f"- Reason: {_text(view.reason)}")
         if view.result_data is not None:
-            lines.append(f"- Result data: `{_cell(json.dumps(view.result_data))}`")
+            lines.append(f"- Result data: `{json.dumps(view.result_data)}`")
         lines += [f"- {step}: **{progress}**" for step, progress in view.steps.items()]
         if view.outcome is not None:
-            lines.append(f"- Outcome: {_cell(view.outcome.detail)}")
+            lines.append(f"- Outcome: {_text(view.outcome.detail)}")
         lines.append("")
     if failed_attempts:
         lines.append("### Decisions that could not be carried out (nothing was changed)")
-        lines += [f"- {_cell(text)}" for text in failed_attempts]
+        lines += _last(failed_attempts)
         lines.append("")
     if view.refused:
-        lines.append("### Refused signals (nothing was changed)")
-        lines += [
-            f"- `{r.handler}`: {_cell(r.problem)} — received {_cell(r.received)}"
-            for r in view.refused
-        ]
+        lines.append("### Refused requests (nothing was changed)")
+        lines += _last(
+            [
+                f"`{r.handler}`: {_text(r.problem)} — received {_code(r.received)}"
+                for r in view.refused
+            ]
+        )
         lines.append("")
     return "\n".join(lines)
+
+
+def _last(items: list[str]) -> list[str]:
+    shown = [f"- {_text(item)}" for item in items[-SHOWN_REFUSALS:]]
+    if len(items) > SHOWN_REFUSALS:
+        shown.insert(0, f"- … {len(items) - SHOWN_REFUSALS} earlier (see the `state` query)")
+    return shown

@@ -14,7 +14,14 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 DOMAIN_PATTERN = r"^[A-Za-z0-9_]{1,40}$"
 # PGMQ keeps each queue in tables named q_<name> / a_<name>; it refuses names of 48+ characters.
@@ -205,3 +212,12 @@ def describe_input(raw: Any, limit: int = 500) -> str:
     text = repr(raw)
     text = text.replace("\x00", "\\x00")
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line an operator can act on: `reason: must not be blank; operator: ...`."""
+    parts = []
+    for error in err.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "input"
+        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

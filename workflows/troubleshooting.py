@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         StateView,
         TsqState,
         describe_input,
+        describe_validation_error,
     )
 
 # Each attempt gets this long; attempts go on, with backoff, until the database answers.
@@ -57,6 +59,11 @@ _RETRY = (
     "attempts 0, OPERATOR_RETRY audit; no reply."
 )
 _COMPLETE = "Complete: status COMPLETED, OPERATOR_COMPLETE audit, SUCCESS reply with result_data."
+
+_CANCELLATION_REFUSED = (
+    "cancelling the workflow does not decide the command; send the `cancel` signal "
+    "(or `retry`, `complete`) instead. The workflow keeps waiting"
+)
 
 _WORKING = {
     DecisionKind.CANCEL: (TsqState.CANCELING, TsqState.CANCELED),
@@ -98,10 +105,19 @@ class TroubleshootingWorkflow:
     async def run(self, command: CommandSnapshot) -> DecisionOutcome:
         self._publish()
         while True:
-            await workflow.wait_condition(lambda: self._pending is not None)
-            pending = self._pending
-            assert pending is not None
-            outcome = await self._carry_out(pending)
+            try:
+                await workflow.wait_condition(lambda: self._pending is not None)
+                pending = self._pending
+                assert pending is not None
+                outcome = await self._carry_out(pending)
+            except asyncio.CancelledError:
+                # "Request Cancellation" is the Web UI's most prominent button, and it is not a
+                # decision: ending here would leave the command parked with no workflow. Keep
+                # waiting and say so. A decision it interrupted runs again: it is idempotent.
+                await self._refuse(
+                    "Request Cancellation", "a workflow cancellation request", _CANCELLATION_REFUSED
+                )
+                continue
             if outcome is not None:
                 break
         # Signals refused while the decision ran still write their audit rows.
@@ -217,7 +233,7 @@ class TroubleshootingWorkflow:
             request = REQUEST_MODELS[kind].model_validate(raw)
             self._accept(kind, request, via="signal")
         except (ValidationError, ApplicationError) as err:
-            await self._refuse(kind.value, raw, _problem(err))
+            await self._refuse(kind.value, describe_input(raw), _problem(err))
 
     async def _on_update(self, kind: DecisionKind, raw: Any) -> DecisionOutcome:
         pending = self._accept(kind, _validated(kind, raw), via="update")
@@ -251,8 +267,8 @@ class TroubleshootingWorkflow:
         self._pending = _Pending(kind, request, via)
         return self._pending
 
-    async def _refuse(self, handler: str, raw: Any, problem: str) -> None:
-        refusal = RefusedRequest(handler=handler, problem=problem, received=describe_input(raw))
+    async def _refuse(self, handler: str, received: str, problem: str) -> None:
+        refusal = RefusedRequest(handler=handler, problem=problem, received=received)
         self._refused.append(refusal)
         self._publish()
         info = workflow.info()
@@ -302,13 +318,7 @@ def _validated(kind: DecisionKind, raw: Any) -> DecisionRequest:
 
 
 def _problem(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        parts = []
-        for error in err.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "input"
-            parts.append(f"{where}: {error['msg']}")
-        return "; ".join(parts)
-    return str(err)
+    return describe_validation_error(err) if isinstance(err, ValidationError) else str(err)
 
 
 __all__ = ["TroubleshootingWorkflow"]

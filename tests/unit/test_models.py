@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 
@@ -13,8 +14,15 @@ from tsq.db import check_queue_name
 from tsq.errors import InvalidInputError
 from tsq.settings import Settings
 from workflows import workflow_id
-from workflows.details import render_details, render_summary
-from workflows.models import CancelRequest, CommandSnapshot, StateView, TsqState, describe_input
+from workflows.details import EXAMPLES, render_details, render_static_details, render_summary
+from workflows.models import (
+    CancelRequest,
+    CommandSnapshot,
+    RefusedRequest,
+    StateView,
+    TsqState,
+    describe_input,
+)
 
 
 @pytest.mark.parametrize(
@@ -104,8 +112,8 @@ def _snapshot() -> CommandSnapshot:
     )
 
 
-def test_details_show_command_error_and_how_to_cancel() -> None:
-    """The waiting workflow's details name the command, its error and the JSON to paste."""
+def test_details_show_error_and_the_json_to_paste_for_each_decision() -> None:
+    """While waiting: the error and, for cancel, retry and complete, a JSON block to paste."""
     command = _snapshot()
     text = render_details(
         command,
@@ -113,10 +121,28 @@ def test_details_show_command_error_and_how_to_cancel() -> None:
         StateView(command=command, state=TsqState.AWAITING_OPERATOR),
         failed_attempts=[],
     )
-    assert str(command.command_id) in text
-    assert "ACCOUNT_CLOSED" in text and "closed \\| really" in text
-    assert '{"reason": "Invalid account", "operator": "you@example.com"}' in text
-    assert "payments__replies" in text
+    assert str(command.command_id) in text and "ACCOUNT_CLOSED" in text
+    for example in EXAMPLES.values():
+        assert f"```json\n{json.dumps(example)}\n```" in text
+    assert "reply CANCELED to payments__replies" in text
+
+
+def test_static_details_list_the_command_facts() -> None:
+    """The fixed facts: ids in code spans, the error, attempts, without table markup."""
+    text = render_static_details(_snapshot())
+    assert f"`{uuid.UUID(int=1)}`" in text
+    assert "`PERMANENT` `ACCOUNT_CLOSED`" in text
+    assert "closed | really" in text and "3 of 3" in text
+
+
+def test_details_keep_only_the_last_refusals() -> None:
+    """Many refused requests: the last few are shown, with a count of the rest."""
+    command = _snapshot()
+    refused = [RefusedRequest(handler="cancel", problem=f"p{n}", received="{}") for n in range(9)]
+    view = StateView(command=command, state=TsqState.AWAITING_OPERATOR, refused=refused)
+    text = render_details(command, TsqState.AWAITING_OPERATOR, view, failed_attempts=[])
+    assert "p8" in text and "p4" in text and "p3" not in text
+    assert "4 earlier" in text
 
 
 def test_summary_is_one_line() -> None:
