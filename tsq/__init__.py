@@ -5,6 +5,7 @@ Services import from here; everything else is internal.
 
 from tsq.client import SyncReport, TroubleshootingClient
 from tsq.errors import (
+    AlreadyDecidedError,
     CommandNotFoundError,
     InvalidInputError,
     InvalidOperationError,
@@ -16,6 +17,7 @@ from workflows.models import DecisionOutcome
 
 __all__ = [
     "WORKFLOW_TYPE",
+    "AlreadyDecidedError",
     "CommandNotFoundError",
     "DecisionOutcome",
     "InvalidInputError",

@@ -30,6 +30,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from tsq.db import TSQ_STATUS, create_pool
 from tsq.errors import (
     ERROR_TYPES,
+    AlreadyDecidedError,
     CommandNotFoundError,
     InvalidInputError,
     InvalidOperationError,
@@ -528,6 +529,10 @@ class TroubleshootingClient:
 
     async def _decidable(self, domain: str, cid: UUID) -> asyncpg.Record:
         row = await self._command(self.pool, domain, cid)
+        if row["status"] in _TERMINAL:
+            raise AlreadyDecidedError(
+                f"command {cid} in {domain} is {row['status']}: it was already decided"
+            )
         if row["status"] != TSQ_STATUS:
             raise InvalidOperationError(
                 f"command {cid} in {domain} is {row['status']}, not {TSQ_STATUS}: "

@@ -10,11 +10,12 @@ import socket
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import quote
 
 from tsq.client import TroubleshootingClient
-from tsq.db import create_pool, ensure_queue, migrate
+from tsq.db import TSQ_STATUS, create_pool, ensure_queue, migrate
 from tsq.devstack import embedded_postgres, start_temporal
-from tsq.settings import Settings
+from tsq.settings import Settings, redact_url
 from tsq.temporal import connect
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,10 @@ def _check_port_free(port: int, what: str, flag: str) -> None:
             ) from None
 
 
-async def seed_demo(client: TroubleshootingClient) -> list[str]:
+async def seed_demo(client: TroubleshootingClient) -> None:
     """Send a few commands as a command bus would, then park them as its worker would."""
     queue = f"{DEMO_DOMAIN}__commands"
     replies = f"{DEMO_DOMAIN}__replies"
-    ids = []
     for command_type, error_type, code, message, has_reply in DEMO_COMMANDS:
         command_id, correlation_id = uuid.uuid4(), uuid.uuid4()
         body = {
@@ -87,33 +87,35 @@ async def seed_demo(client: TroubleshootingClient) -> list[str]:
         await client.move_to_troubleshooting(
             DEMO_DOMAIN, command_id, error_type=error_type, error_code=code, error_message=message
         )
-        ids.append(str(command_id))
-    return ids
 
 
-def _banner(settings: Settings, ui_url: str | None, demo_ids: list[str]) -> str:
-    example = demo_ids[0] if demo_ids else "<command-id>"
+def _banner(settings: Settings, ui_url: str | None, waiting: list[str], embedded_db: bool) -> str:
+    example = waiting[0] if waiting else "<command-id>"
     wid = f"tsq:{DEMO_DOMAIN}:{example}"
+    # A database the user configured may carry a password: never print it.
+    database = settings.database_url if embedded_db else redact_url(settings.database_url or "")
     lines = [
         "",
         "tsq dev is running. Ctrl-C stops everything; data stays for the next start.",
         f"  Temporal Web UI : {ui_url or '(external Temporal server)'}",
         f"  Temporal        : {settings.temporal_address}"
         f" (namespace {settings.temporal_namespace})",
-        f"  PostgreSQL      : {settings.database_url}",
+        f"  PostgreSQL      : {database}",
         "",
         "Use tsq and temporal from another shell with:",
-        f"  export TSQ_DATABASE_URL='{settings.database_url}'",
+        f"  export TSQ_DATABASE_URL='{database}'",
         f"  export TEMPORAL_ADDRESS={settings.temporal_address}",
         "",
-        "Cancel a command:",
     ]
+    if waiting:
+        lines += [f"Waiting in {DEMO_DOMAIN}: {', '.join(waiting)}", ""]
+    lines.append("Cancel a command:")
     if ui_url:
-        query = "CommandDomain%3D%22payments%22%20AND%20TsqState%3D%22AWAITING_OPERATOR%22"
+        query = quote(f'CommandDomain="{DEMO_DOMAIN}" AND TsqState="AWAITING_OPERATOR"')
         lines += [
             f"  Web UI : {ui_url}/namespaces/{settings.temporal_namespace}/workflows?query={query}",
-            "           open a workflow > Send a Signal > cancel > "
-            '{"reason": "Invalid account", "operator": "you@example.com"}',
+            "           open a workflow > More Actions > Send a Signal > cancel >",
+            '           {"reason": "Invalid account", "operator": "you@example.com"}',
         ]
     lines += [
         f"  temporal workflow signal --workflow-id {wid} --name cancel \\",
@@ -136,7 +138,8 @@ async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
 
     data_dir = _data_dir(args.data_dir)
     with contextlib.ExitStack() as stack:
-        if settings.database_url is None:
+        embedded_db = settings.database_url is None
+        if embedded_db:
             log.info("starting embedded PostgreSQL in %s", data_dir / "pgdata")
             database_url = stack.enter_context(embedded_postgres(data_dir / "pgdata"))
             settings = replace(settings, database_url=database_url)
@@ -156,14 +159,25 @@ async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
             ui_url = server.ui_url
         database_url = settings.require_database_url()
         await migrate(database_url)
-        demo_ids: list[str] = []
-        if args.demo:
-            pool = await create_pool(database_url)
-            try:
+        pool = await create_pool(database_url)
+        try:
+            if args.demo:
                 temporal = await connect(settings)
                 client = TroubleshootingClient(temporal, pool, task_queue=settings.task_queue)
-                demo_ids = await seed_demo(client)
-            finally:
-                await pool.close()
-        print(_banner(settings, ui_url, demo_ids), flush=True)
+                if not await pool.fetchval(
+                    "SELECT count(*) FROM commandbus.command WHERE domain = $1", DEMO_DOMAIN
+                ):
+                    await seed_demo(client)
+            waiting = await pool.fetch(
+                """
+                SELECT command_id FROM commandbus.command WHERE domain = $1 AND status = $2
+                ORDER BY updated_at LIMIT 3
+                """,
+                DEMO_DOMAIN,
+                TSQ_STATUS,
+            )
+        finally:
+            await pool.close()
+        ids = [str(r["command_id"]) for r in waiting]
+        print(_banner(settings, ui_url, ids, embedded_db), flush=True)
         await run_worker(settings, signals=STOP_SIGNALS)

@@ -15,6 +15,10 @@ class InvalidOperationError(TroubleshootingError):
     """The command exists but cannot be decided now (wrong status, already decided)."""
 
 
+class AlreadyDecidedError(InvalidOperationError):
+    """The command already has a decision (a second one is refused), or is finished."""
+
+
 class InvalidInputError(TroubleshootingError, ValueError):
     """An argument is malformed (blank reason, id that is not a UUID, bad queue name, ...)."""
 
@@ -22,5 +26,6 @@ class InvalidInputError(TroubleshootingError, ValueError):
 # Names used as `ApplicationError.type` across the Temporal boundary, so a refusal raised in a
 # workflow or activity comes back to the SDK as the same Python class.
 ERROR_TYPES: dict[str, type[TroubleshootingError]] = {
-    cls.__name__: cls for cls in (CommandNotFoundError, InvalidOperationError, InvalidInputError)
+    cls.__name__: cls
+    for cls in (CommandNotFoundError, InvalidOperationError, AlreadyDecidedError, InvalidInputError)
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from workflows import DEFAULT_TASK_QUEUE
 
@@ -44,3 +45,12 @@ class Settings:
                 "or run `tsq dev` for the embedded stack"
             )
         return self.database_url
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and banners."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -13,7 +13,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities import TroubleshootingActivities
-    from tsq.errors import InvalidInputError, InvalidOperationError
+    from tsq.errors import AlreadyDecidedError, InvalidInputError
     from workflows import TSQ_STATE, WORKFLOW_TYPE
     from workflows.details import render_details, steps_of
     from workflows.models import (
@@ -243,7 +243,7 @@ class TroubleshootingWorkflow:
         assert pending.outcome is not None
         if not pending.outcome.carried_out:
             raise ApplicationError(
-                pending.outcome.detail, type=InvalidOperationError.__name__, non_retryable=True
+                pending.outcome.detail, type=AlreadyDecidedError.__name__, non_retryable=True
             )
         return pending.outcome
 
@@ -256,7 +256,7 @@ class TroubleshootingWorkflow:
             raise ApplicationError(
                 f"command {self._command.command_id} already has a decision "
                 f"({self._pending.kind.value}); a second one is refused",
-                type=InvalidOperationError.__name__,
+                type=AlreadyDecidedError.__name__,
                 non_retryable=True,
             )
 
