@@ -429,3 +429,45 @@ async def test_refusal_reaches_caller_without_stack_trace(
     assert isinstance(cause, ApplicationError)
     assert cause.message == "invalid input: reason: must not be blank"
     assert cause.failure is not None and cause.failure.stack_trace == ""
+
+
+async def test_temporal_cli_batch_signal_cancels_every_match(
+    tsq: TroubleshootingClient,
+    pool: asyncpg.Pool,
+    temporal: Client,
+    temporal_server: TemporalDevServer,
+) -> None:
+    """`temporal workflow signal --query ... --name cancel --yes` cancels every listed command."""
+    domain = new_domain()
+    command_ids = [await seed_command(pool, domain) for _ in range(3)]
+    other = await seed_command(pool, domain, command_type="Refund")
+    for command_id in [*command_ids, other]:
+        await tsq.start_workflow(domain, command_id)
+    query = (
+        f'CommandDomain="{domain}" AND CommandType="DebitAccount" AND TsqState="AWAITING_OPERATOR"'
+    )
+
+    async def listed() -> int:
+        return (await temporal.count_workflows(query)).count
+
+    await assert_eventually(listed, lambda n: n == 3)
+    body = json.dumps({"reason": "ledger migration", "operator": "jane"})
+    cli = subprocess.run(
+        [
+            *(temporal_cli(), "workflow", "signal", "--address", temporal_server.address),
+            *("--query", query, "--name", "cancel", "--input", body, "--yes"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+
+    async def statuses() -> list[str | None]:
+        return [await status_of(pool, domain, c) for c in command_ids]
+
+    await assert_eventually(statuses, lambda s: s == ["CANCELED"] * 3, within=60)
+    for command_id in command_ids:
+        assert await _effects(pool, domain, command_id) == (1, 1)
+    assert await status_of(pool, domain, other) == "IN_TROUBLESHOOTING_QUEUE"
