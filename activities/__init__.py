@@ -16,7 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from tsq.db import TSQ_STATUS, check_queue_name, ensure_queue
-from tsq.errors import InvalidInputError, InvalidOperationError
+from tsq.errors import InvalidInputError, PayloadNotFoundError
 from workflows.models import CarryOut, DecisionKind, DecisionOutcome, RecordRefusal
 
 # A decision that waits longer than this on a row lock fails the attempt and is retried later,
@@ -300,7 +300,7 @@ async def _retry(conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record) -
             f"cannot retry command {req.command_id}: its original message is neither in "
             f"pgmq.a_{queue} (msg_id {row['msg_id']}) nor in commandbus.payload_archive; "
             "nothing was changed",
-            InvalidOperationError,
+            PayloadNotFoundError,
         )
     try:
         await ensure_queue(conn, check_queue_name(queue))

@@ -9,6 +9,7 @@ from tsq.errors import (
     CommandNotFoundError,
     InvalidInputError,
     InvalidOperationError,
+    PayloadNotFoundError,
     TroubleshootingError,
 )
 from tsq.settings import Settings
@@ -22,6 +23,7 @@ __all__ = [
     "DecisionOutcome",
     "InvalidInputError",
     "InvalidOperationError",
+    "PayloadNotFoundError",
     "Settings",
     "SyncReport",
     "TroubleshootingClient",

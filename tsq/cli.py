@@ -5,22 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from temporalio.service import RPCError
 
-from tsq.errors import TroubleshootingError
+from tsq import bulk, render
+from tsq.client import TroubleshootingClient
+from tsq.errors import CommandLineError, InvalidInputError, TroubleshootingError
 from tsq.settings import Settings
 
-log = logging.getLogger("tsq")
-
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def _default_operator() -> str | None:
@@ -28,6 +29,43 @@ def _default_operator() -> str | None:
         return getpass.getuser()
     except (KeyError, OSError):
         return None
+
+
+def _timestamp(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInputError(
+            f"{option} {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z)"
+        ) from None
+    # Without an offset the time is UTC, the zone every table prints.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _filters(args: argparse.Namespace) -> bulk.Filters:
+    return {
+        "command_type": args.type,
+        "error_code": args.error_code,
+        "since": _timestamp(args.since, "--since"),
+        "until": _timestamp(args.until, "--until"),
+    }
+
+
+def _result_data(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"--result-data is not valid JSON: {err}") from None
+    if value is not None and not isinstance(value, dict):
+        raise InvalidInputError("--result-data must be a JSON object or null")
+    return value
+
+
+# -- commands -----------------------------------------------------------------------------------
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
@@ -52,9 +90,19 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> None:
     await run_worker(settings, signals=STOP_SIGNALS)
 
 
-async def _sync(args: argparse.Namespace, settings: Settings) -> None:
-    from tsq.client import TroubleshootingClient
+async def _dev(args: argparse.Namespace, settings: Settings) -> None:
+    from tsq.dev import run_dev
 
+    await run_dev(args, settings)
+
+
+async def _bench(args: argparse.Namespace, settings: Settings) -> None:
+    from tsq.bench import main as run_bench
+
+    await run_bench(args, settings)
+
+
+async def _sync(args: argparse.Namespace, settings: Settings) -> None:
     async with await TroubleshootingClient.connect(settings) as client:
         report = await client.sync(args.domain)
     print(
@@ -64,29 +112,157 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> None:
         print(f"  started {wid}")
 
 
-async def _cancel(args: argparse.Namespace, settings: Settings) -> None:
-    from tsq.client import TroubleshootingClient
-
+async def _list(args: argparse.Namespace, settings: Settings) -> None:
+    filters = _filters(args)
     async with await TroubleshootingClient.connect(settings) as client:
-        outcome = await client.operator_cancel(
-            args.domain,
-            args.command_id,
-            args.reason,
-            operator=args.operator,
-            wait=not args.no_wait,
+        items = await client.list_troubleshooting(
+            args.domain, **filters, limit=args.limit, offset=args.offset
         )
+    if args.json:
+        print(json.dumps([item.model_dump(mode="json") for item in items]))
+        return
+    if not items:
+        print(f"no command in the troubleshooting queue of {args.domain} matches")
+        return
+    print(render.item_table(items))
+    more = (
+        f"; more may follow: --offset {args.offset + args.limit}"
+        if len(items) == args.limit
+        else ""
+    )
+    print(
+        f"\n{len(items)} command(s) ({args.offset + 1}-{args.offset + len(items)}), "
+        f"newest first{more}"
+    )
+
+
+async def _show(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        details = await client.show(args.domain, args.command_id)
+    print(details.model_dump_json() if args.json else render.command_details(details))
+
+
+async def _audit(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        events = await client.get_audit_trail(args.domain, args.command_id)
+    if args.json:
+        print(json.dumps([event.model_dump(mode="json") for event in events]))
+    elif events:
+        print(render.audit_table(events))
+    else:
+        print(f"no audit events for command {args.command_id}")
+
+
+def _decider(
+    client: TroubleshootingClient, args: argparse.Namespace, result_data: dict[str, Any] | None
+) -> bulk.Decide:
+    domain, operator, wait = args.domain, args.operator, not args.no_wait
+    if args.command == "cancel":
+        reason: str = args.reason
+        return lambda cid: client.operator_cancel(domain, cid, reason, operator=operator, wait=wait)
+    if args.command == "retry":
+        return lambda cid: client.operator_retry(domain, cid, operator=operator, wait=wait)
+    return lambda cid: client.operator_complete(
+        domain, cid, result_data=result_data, operator=operator, wait=wait
+    )
+
+
+async def _decision(args: argparse.Namespace, settings: Settings) -> None:
+    """cancel, retry, complete: of COMMAND_ID, or of the many commands the options select."""
+    result_data = _result_data(args.result_data) if args.command == "complete" else None
+    if args.command_id is None:
+        filters = _bulk_selection(args)
+        async with await TroubleshootingClient.connect(settings) as client:
+            await bulk.decide_many(
+                client,
+                _decider(client, args, result_data),
+                verb=args.command,
+                domain=args.domain,
+                filters=filters,
+                ask=not args.yes,
+                rate=args.rate,
+                concurrency=args.concurrency,
+                as_json=args.json,
+            )
+        return
+    if args.stdin or args.all or _selects(_filters(args)):
+        raise InvalidInputError("give a COMMAND_ID or filters / --stdin / --all, not both")
+    async with await TroubleshootingClient.connect(settings) as client:
+        outcome = await _decider(client, args, result_data)(args.command_id)
     if outcome is None:
-        print(f"cancel of {args.command_id} accepted; the worker carries it out")
+        print(f"{args.command} of {args.command_id} accepted; the worker carries it out")
     elif args.json:
         print(outcome.model_dump_json())
     else:
         print(f"{args.command_id}: {outcome.detail}")
 
 
-async def _dev(args: argparse.Namespace, settings: Settings) -> None:
-    from tsq.dev import run_dev
+def _bulk_selection(args: argparse.Namespace) -> bulk.Filters | None:
+    """The filters of a decision without COMMAND_ID; None when the ids come from stdin."""
+    filters = _filters(args)
+    if args.stdin and (_selects(filters) or args.all):
+        raise InvalidInputError("--stdin takes the ids from stdin: no filters or --all with it")
+    if not (args.stdin or _selects(filters) or args.all):
+        raise InvalidInputError(
+            "no COMMAND_ID, filter or --stdin: pass --all to decide every command in the "
+            f"troubleshooting queue of {args.domain}"
+        )
+    if args.rate <= 0 or args.concurrency < 1:
+        raise InvalidInputError("--rate must be above 0 and --concurrency at least 1")
+    if not args.yes and args.stdin:
+        raise CommandLineError("with --stdin, stdin holds the ids and cannot confirm: pass --yes")
+    if not args.yes and not sys.stdin.isatty():
+        raise CommandLineError("stdin is not a terminal, so no one can confirm: pass --yes")
+    return None if args.stdin else filters
 
-    await run_dev(args, settings)
+
+def _selects(filters: bulk.Filters) -> bool:
+    return any(value is not None for value in filters.values())
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def _add_filters(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--type", metavar="T", help="only commands of this type")
+    parser.add_argument("--error-code", metavar="C", help="only commands whose last error has it")
+    parser.add_argument(
+        "--since", metavar="ISO", help="only commands parked at or after this time (default UTC)"
+    )
+    parser.add_argument("--until", metavar="ISO", help="only commands parked before this time")
+
+
+def _decision_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, effect: str
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=f"{name} commands in the troubleshooting queue: {effect}",
+        description=f"{name.capitalize()} one command, or many: leave COMMAND_ID out and select "
+        "them with filters, --stdin or --all. Exits 0 only if every decision was carried out.",
+    )
+    p.add_argument("domain")
+    p.add_argument("command_id", nargs="?", help="the command (leave out to decide many)")
+    p.add_argument(
+        "--operator", default=_default_operator(), help="who decides (default: your user name)"
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once the decision is accepted")
+    p.add_argument("--json", action="store_true", help="print the outcome(s) as JSON")
+    many = p.add_argument_group("many commands at once (no COMMAND_ID)")
+    _add_filters(many)
+    many.add_argument(
+        "--stdin", action="store_true", help="command ids from stdin, one per line (needs --yes)"
+    )
+    many.add_argument("--all", action="store_true", help="every command in the domain's queue")
+    many.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    many.add_argument(
+        "--rate", type=float, default=20.0, help="decisions started per second (default 20)"
+    )
+    many.add_argument(
+        "--concurrency", type=int, default=10, help="decisions in flight at once (default 10)"
+    )
+    p.set_defaults(run=_decision)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,22 +298,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?", help="only this domain")
     p.set_defaults(run=_sync)
 
-    p = sub.add_parser("cancel", help="cancel a command in the troubleshooting queue")
+    p = _decision_parser(sub, "cancel", "status CANCELED, CANCELED reply with the reason")
+    p.add_argument("--reason", required=True, help="why (sent in the reply, kept in the audit)")
+    _decision_parser(sub, "retry", "send the original message again; status PENDING")
+    p = _decision_parser(sub, "complete", "status COMPLETED, SUCCESS reply with --result-data")
+    p.add_argument(
+        "--result-data", metavar="JSON", help="a JSON object (or null) sent as the reply's data"
+    )
+
+    p = sub.add_parser("list", help="commands in the troubleshooting queue, newest first")
+    p.add_argument("domain")
+    _add_filters(p)
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(run=_list)
+
+    p = sub.add_parser("show", help="a command: payload, error, workflow state and audit trail")
     p.add_argument("domain")
     p.add_argument("command_id")
-    p.add_argument("--reason", required=True, help="why (sent in the reply, kept in the audit)")
-    p.add_argument(
-        "--operator", default=_default_operator(), help="who decides (default: your user name)"
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(run=_show)
+
+    p = sub.add_parser("audit", help="a command's audit trail, oldest first")
+    p.add_argument("domain")
+    p.add_argument("command_id")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(run=_audit)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark tsq against a bare workflow and direct SQL "
+        "(embedded services unless TSQ_DATABASE_URL / TEMPORAL_ADDRESS are set)",
     )
-    p.add_argument("--no-wait", action="store_true", help="return once the decision is accepted")
-    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    p.set_defaults(run=_cancel)
+    p.add_argument("--commands", type=int, default=500, help="commands to park and cancel")
+    p.add_argument("--concurrency", type=int, default=50, help="calls in flight at once")
+    p.add_argument(
+        "--waiting", type=int, default=0, help="also measure with this many workflows waiting"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.set_defaults(run=_bench)
     return parser
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,13 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tsq {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILURE
     except RPCError as err:
-        print(f"tsq {args.command}: Temporal refused: {_one_line(err)}", file=sys.stderr)
+        print(f"tsq {args.command}: Temporal refused: {render.one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
     except asyncpg.PostgresError as err:
-        print(f"tsq {args.command}: PostgreSQL refused: {_one_line(err)}", file=sys.stderr)
+        print(f"tsq {args.command}: PostgreSQL refused: {render.one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
     except (OSError, RuntimeError, TimeoutError, asyncpg.InterfaceError) as err:
-        print(f"tsq {args.command}: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        print(f"tsq {args.command}: {type(err).__name__}: {render.one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 

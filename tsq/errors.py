@@ -19,13 +19,27 @@ class AlreadyDecidedError(InvalidOperationError):
     """The command already has a decision (a second one is refused), or is finished."""
 
 
+class PayloadNotFoundError(InvalidOperationError):
+    """Retry refused: the command's original message is in no archive tsq can read."""
+
+
 class InvalidInputError(TroubleshootingError, ValueError):
     """An argument is malformed (blank reason, id that is not a UUID, bad queue name, ...)."""
+
+
+class CommandLineError(TroubleshootingError):
+    """The command line stopped on purpose: not confirmed, or commands left undecided."""
 
 
 # Names used as `ApplicationError.type` across the Temporal boundary, so a refusal raised in a
 # workflow or activity comes back to the SDK as the same Python class.
 ERROR_TYPES: dict[str, type[TroubleshootingError]] = {
     cls.__name__: cls
-    for cls in (CommandNotFoundError, InvalidOperationError, AlreadyDecidedError, InvalidInputError)
+    for cls in (
+        CommandNotFoundError,
+        InvalidOperationError,
+        AlreadyDecidedError,
+        PayloadNotFoundError,
+        InvalidInputError,
+    )
 }

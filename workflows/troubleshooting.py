@@ -42,6 +42,7 @@ ACTIVITY_RETRY = RetryPolicy(
     non_retryable_error_types=[
         "CommandNotFoundError",
         "InvalidOperationError",
+        "PayloadNotFoundError",
         "InvalidInputError",
     ],
 )

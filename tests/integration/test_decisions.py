@@ -23,7 +23,7 @@ from tests.helpers import (
 from tsq import (
     CommandNotFoundError,
     InvalidInputError,
-    InvalidOperationError,
+    PayloadNotFoundError,
     TroubleshootingClient,
     workflow_id,
 )
@@ -90,7 +90,7 @@ async def test_retry_without_payload_is_refused_and_changes_nothing(
     await pool.execute(
         "SELECT pgmq.drop_queue($1)", f"{domain}__commands"
     )  # the archive goes with it
-    with pytest.raises(InvalidOperationError, match="original message"):
+    with pytest.raises(PayloadNotFoundError, match="original message"):
         await tsq.operator_retry(domain, command_id)
     assert await status_of(pool, domain, command_id) == "IN_TROUBLESHOOTING_QUEUE"
     assert await audit_rows(pool, domain, command_id, "OPERATOR_RETRY") == []

@@ -1,0 +1,141 @@
+"""Plain-text views for the command line: tables and a command's details, times in UTC."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message, or its class name when it has none."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def item_table(items: Sequence[TroubleshootingItem]) -> str:
+    return _table(
+        ["COMMAND_ID", "TYPE", "ATTEMPTS", "ERROR", "MESSAGE", "PARKED AT", "REPLY TO"],
+        [
+            [
+                str(item.command_id),
+                item.command_type,
+                f"{item.attempts}/{item.max_attempts if item.max_attempts is not None else '-'}",
+                item.last_error.code or item.last_error.type or "",
+                _clip(item.last_error.message, 40),
+                _when(item.updated_at),
+                item.reply_to or "",
+            ]
+            for item in items
+        ],
+    )
+
+
+def audit_table(events: Sequence[AuditEvent]) -> str:
+    return _table(
+        ["TS", "EVENT", "DETAILS"],
+        [[_when(e.ts, precise=True), e.event_type, _pairs(e.details)] for e in events],
+    )
+
+
+def command_details(details: CommandDetails) -> str:
+    """Row, last error, original message, workflow state and audit trail, one section each."""
+    command, error, state = details.command, details.command.last_error, details.workflow
+    lines = [f"command {command.command_id} in {command.domain}"]
+    lines += [
+        _field(name, value)
+        for name, value in (
+            ("type", command.command_type),
+            ("status", command.status),
+            ("attempts", f"{command.attempts}/{command.max_attempts or '-'}"),
+            ("correlation", command.correlation_id),
+            ("reply to", command.reply_to or "(no reply queue)"),
+            ("batch", command.batch_id),
+            ("message", command.msg_id),
+            ("created", _when(command.created_at)),
+            ("updated", _when(command.updated_at)),
+        )
+        if value is not None
+    ]
+    if error.type or error.code or error.message:
+        lines += ["", "error"]
+        lines += [
+            _field(name, value)
+            for name, value in (
+                ("type", error.type),
+                ("code", error.code),
+                ("message", error.message),
+            )
+            if value
+        ]
+    lines += ["", "payload"]
+    if command.payload is None:
+        lines.append("  (neither in the queue's PGMQ archive nor in commandbus.payload_archive)")
+    else:
+        lines += _indented(json.dumps(command.payload, indent=2))
+    lines += ["", f"workflow {details.workflow_id}"]
+    if state is None:
+        lines.append(f"  {details.workflow_note or 'state unavailable'}")
+    else:
+        lines.append(_field("state", state.state.value))
+        if state.decision is not None:
+            by = f" by {state.decided_by}" if state.decided_by else ""
+            lines.append(
+                _field("decision", f"{state.decision.value}{by} at {_when(state.requested_at)}")
+            )
+        if state.reason:
+            lines.append(_field("reason", state.reason))
+        if state.result_data is not None:
+            lines.append(_field("result data", json.dumps(state.result_data)))
+        lines += [_field("step", f"{step}: {progress}") for step, progress in state.steps.items()]
+        if state.outcome is not None:
+            lines.append(_field("outcome", state.outcome.detail))
+        lines += [_field("refused", f"{r.handler}: {r.problem}") for r in state.refused]
+    lines += ["", "audit"]
+    lines += _indented(audit_table(details.audit)) if details.audit else ["  (no events)"]
+    return "\n".join(lines)
+
+
+def _field(name: str, value: object) -> str:
+    return f"  {name:<12} {value}"
+
+
+def _indented(text: str) -> list[str]:
+    return ["  " + line for line in text.splitlines()]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(head), *(len(row[i]) for row in rows)]) for i, head in enumerate(headers)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    )
+
+
+def _when(value: datetime | None, *, precise: bool = False) -> str:
+    if value is None:
+        return ""
+    if precise:
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+def _clip(text: str | None, width: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _pairs(details: dict[str, Any] | None) -> str:
+    """Audit details as `key=value`: text with spaces and structures as JSON, unset keys omitted."""
+    parts = []
+    for key, value in (details or {}).items():
+        if value is None:
+            continue
+        plain = isinstance(value, str) and value and not re.search(r'[\s"=]', value)
+        parts.append(f"{key}={value if plain else json.dumps(value, default=str)}")
+    return " ".join(parts)
