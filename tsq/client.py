@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 from pydantic import ValidationError
@@ -44,6 +44,7 @@ from workflows import (
     COMMAND_TYPE,
     LAST_ERROR_CODE,
     TSQ_STATE,
+    WORKFLOW_TYPE,
     workflow_id,
 )
 from workflows.details import render_static_details, render_summary
@@ -58,7 +59,6 @@ from workflows.models import (
     TsqState,
     describe_validation_error,
 )
-from workflows.troubleshooting import TroubleshootingWorkflow
 
 _TERMINAL = ("COMPLETED", "CANCELED")
 MAX_PAGE = 1000
@@ -259,20 +259,48 @@ class TroubleshootingClient:
         except ValidationError as err:
             raise _input_error(err) from None
         domain, cid = _domain(domain), _command_uuid(command_id)
+        # The update's id names this request in the outcome the worker records.
+        request_id = str(uuid4())
         for attempt in range(1, UPDATE_ATTEMPTS + 1):
             row = await self._decidable(domain, cid)
             try:
-                return await self._send_update(kind, request, _snapshot(row), wait=wait)
+                return await self._send_update(
+                    kind, request, _snapshot(row), request_id=request_id, wait=wait
+                )
             except RPCError as err:
-                # The server drops an update whose workflow task it rejected (the workflow
-                # completed while other messages arrived). Nothing was decided by it: look
-                # at the command again and resend; a decision that won meanwhile is reported.
+                # The server drops an update when it rejects the workflow task the update was
+                # in (the workflow completed while other messages arrived), even though the
+                # decision in it may have been carried out: look for this request's recorded
+                # outcome, and resend only if there is none.
                 if err.status != RPCStatusCode.FAILED_PRECONDITION or attempt == UPDATE_ATTEMPTS:
                     raise
+                recorded = await self._recorded_outcome(domain, cid, request_id)
+                if recorded is not None:
+                    return recorded
         raise AssertionError("unreachable")
 
+    async def _recorded_outcome(
+        self, domain: str, cid: UUID, request_id: str
+    ) -> DecisionOutcome | None:
+        result = await self.pool.fetchval(
+            """
+            SELECT result FROM tsq.effect
+            WHERE domain = $1 AND command_id = $2 AND result->>'request_id' = $3
+            """,
+            domain,
+            cid,
+            request_id,
+        )
+        return None if result is None else DecisionOutcome.model_validate(result)
+
     async def _send_update(
-        self, kind: DecisionKind, request: DecisionRequest, snapshot: CommandSnapshot, *, wait: bool
+        self,
+        kind: DecisionKind,
+        request: DecisionRequest,
+        snapshot: CommandSnapshot,
+        *,
+        request_id: str,
+        wait: bool,
     ) -> DecisionOutcome | None:
         start = self._start_operation(snapshot)
         update = f"operator_{kind.value}"
@@ -281,6 +309,7 @@ class TroubleshootingClient:
                 await self.temporal.start_update_with_start_workflow(
                     update,
                     request.model_dump(mode="json"),
+                    id=request_id,
                     start_workflow_operation=start,
                     wait_for_stage=WorkflowUpdateStage.ACCEPTED,
                 )
@@ -288,6 +317,7 @@ class TroubleshootingClient:
             outcome: DecisionOutcome = await self.temporal.execute_update_with_start_workflow(
                 update,
                 request.model_dump(mode="json"),
+                id=request_id,
                 start_workflow_operation=start,
                 result_type=DecisionOutcome,
             )
@@ -560,8 +590,9 @@ class TroubleshootingClient:
 
     def _start_operation(self, snapshot: CommandSnapshot) -> WithStartWorkflowOperation[Any, Any]:
         return WithStartWorkflowOperation(
-            TroubleshootingWorkflow.run,
+            WORKFLOW_TYPE,
             snapshot,
+            result_type=DecisionOutcome,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             **self._start_kwargs(snapshot),
         )
@@ -570,8 +601,9 @@ class TroubleshootingClient:
         self, snapshot: CommandSnapshot, policy: WorkflowIDConflictPolicy
     ) -> WorkflowHandle[Any, Any]:
         return await self.temporal.start_workflow(
-            TroubleshootingWorkflow.run,
+            WORKFLOW_TYPE,
             snapshot,
+            result_type=DecisionOutcome,
             id_conflict_policy=policy,
             **self._start_kwargs(snapshot),
         )

@@ -157,6 +157,7 @@ class CarryOut(_Model):
     operator: str | None = None
     result_data: dict[str, Any] | None = None
     via: Literal["signal", "update"]
+    request_id: str | None = None
 
 
 class DecisionOutcome(_Model):
@@ -170,8 +171,12 @@ class DecisionOutcome(_Model):
     reply_queue: str | None = None
     reply_msg_id: int | None = None
     new_msg_id: int | None = Field(default=None, description="Retry: the re-sent message")
+    result_data: dict[str, Any] | None = None
     audit_id: int | None = None
     detail: str
+    request_id: str | None = Field(
+        default=None, description="The update id (or signal's id) whose decision this was"
+    )
 
 
 class RefusedRequest(_Model):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -80,6 +81,9 @@ class _Pending:
         self.kind = kind
         self.request = request
         self.via = via
+        # Names the request in the recorded outcome: the update's id, or a fresh one.
+        update = workflow.current_update_info()
+        self.request_id = update.id if update is not None else str(workflow.uuid4())
         self.requested_at = workflow.now()
         self.outcome: DecisionOutcome | None = None
         self.error: ApplicationError | None = None
@@ -146,6 +150,7 @@ class TroubleshootingWorkflow:
                         request.result_data if isinstance(request, CompleteRequest) else None
                     ),
                     via="update" if pending.via == "update" else "signal",
+                    request_id=pending.request_id,
                 ),
                 start_to_close_timeout=ACTIVITY_TIMEOUT,
                 retry_policy=ACTIVITY_RETRY,
@@ -163,63 +168,96 @@ class TroubleshootingWorkflow:
             self._state = TsqState.AWAITING_OPERATOR
             self._publish()
             return None
-        pending.outcome = outcome
         self._outcome = outcome
+        done = _WORKING[outcome.decision][1]
         self._state = done if outcome.carried_out else TsqState.DECIDED_ELSEWHERE
+        if outcome.request_id not in (None, pending.request_id):
+            # The server rejected the workflow task in which another request's decision was
+            # carried out (the workflow completed while this request arrived), and dropped
+            # that request's update. The recorded outcome is what happened: this request lost.
+            await self._lost_to(pending, outcome)
+        else:
+            pending.outcome = outcome
         self._publish()
         return outcome
+
+    async def _lost_to(self, pending: _Pending, outcome: DecisionOutcome) -> None:
+        problem = (
+            f"command {self._command.command_id} was already decided: {outcome.decision.value} "
+            f"by {outcome.operator or 'an unnamed operator'}"
+        )
+        if pending.via == "update":
+            pending.error = ApplicationError(
+                problem, type=AlreadyDecidedError.__name__, non_retryable=True
+            )
+        else:
+            await self._refuse(pending.kind.value, describe_input(pending.request), problem)
 
     # -- messages: one signal and one update per decision -----------------------------------
 
     @workflow.signal(name="cancel", description=f"{_CANCEL} {_CANCEL_INPUT}")
-    async def cancel(self, raw: Any = None) -> None:
-        await self._on_signal(DecisionKind.CANCEL, raw)
+    async def cancel(self, raw: Any = None, *extra: Any) -> None:
+        await self._on_signal(DecisionKind.CANCEL, raw, extra)
 
     @workflow.signal(name="retry", description=f"{_RETRY} {_RETRY_INPUT}")
-    async def retry(self, raw: Any = None) -> None:
-        await self._on_signal(DecisionKind.RETRY, raw)
+    async def retry(self, raw: Any = None, *extra: Any) -> None:
+        await self._on_signal(DecisionKind.RETRY, raw, extra)
 
     @workflow.signal(name="complete", description=f"{_COMPLETE} {_COMPLETE_INPUT}")
-    async def complete(self, raw: Any = None) -> None:
-        await self._on_signal(DecisionKind.COMPLETE, raw)
+    async def complete(self, raw: Any = None, *extra: Any) -> None:
+        await self._on_signal(DecisionKind.COMPLETE, raw, extra)
 
     @workflow.update(name="operator_cancel", description=f"{_CANCEL}{_ANSWER} {_CANCEL_INPUT}")
-    async def operator_cancel(self, raw: Any = None) -> DecisionOutcome:
-        return await self._on_update(DecisionKind.CANCEL, raw)
+    async def operator_cancel(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
+        return await self._on_update(DecisionKind.CANCEL, raw)  # the validator refused `extra`
 
     @operator_cancel.validator
-    def _validate_operator_cancel(self, raw: Any = None) -> None:
-        self._validate(DecisionKind.CANCEL, raw)
+    def _validate_operator_cancel(self, raw: Any = None, *extra: Any) -> None:
+        self._validate(DecisionKind.CANCEL, raw, extra)
 
     @workflow.update(name="operator_retry", description=f"{_RETRY}{_ANSWER} {_RETRY_INPUT}")
-    async def operator_retry(self, raw: Any = None) -> DecisionOutcome:
-        return await self._on_update(DecisionKind.RETRY, raw)
+    async def operator_retry(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
+        return await self._on_update(DecisionKind.RETRY, raw)  # the validator refused `extra`
 
     @operator_retry.validator
-    def _validate_operator_retry(self, raw: Any = None) -> None:
-        self._validate(DecisionKind.RETRY, raw)
+    def _validate_operator_retry(self, raw: Any = None, *extra: Any) -> None:
+        self._validate(DecisionKind.RETRY, raw, extra)
 
     @workflow.update(
         name="operator_complete", description=f"{_COMPLETE}{_ANSWER} {_COMPLETE_INPUT}"
     )
-    async def operator_complete(self, raw: Any = None) -> DecisionOutcome:
-        return await self._on_update(DecisionKind.COMPLETE, raw)
+    async def operator_complete(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
+        return await self._on_update(DecisionKind.COMPLETE, raw)  # the validator refused `extra`
 
     @operator_complete.validator
-    def _validate_operator_complete(self, raw: Any = None) -> None:
-        self._validate(DecisionKind.COMPLETE, raw)
+    def _validate_operator_complete(self, raw: Any = None, *extra: Any) -> None:
+        self._validate(DecisionKind.COMPLETE, raw, extra)
+
+    @workflow.signal(dynamic=True, description="Any other signal name is refused, visibly.")
+    async def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
+        # Without this, a misspelt `cancle` would wait unseen in the worker's buffer forever.
+        await self._refuse(
+            name,
+            f"{len(args)} argument(s)",
+            f"unknown signal {name!r}: the decisions are cancel, retry and complete",
+        )
 
     @workflow.query(name="state", description="Command, decision, step progress and refusals.")
     def state(self) -> StateView:
         pending = self._pending
         request = pending.request if pending else None
+        outcome = self._outcome
         return StateView(
             command=self._command,
             state=self._state,
-            decision=pending.kind if pending else None,
-            decided_by=request.operator if request else None,
-            reason=request.reason if isinstance(request, CancelRequest) else None,
-            result_data=request.result_data if isinstance(request, CompleteRequest) else None,
+            decision=outcome.decision if outcome else pending.kind if pending else None,
+            decided_by=outcome.operator if outcome else request.operator if request else None,
+            reason=outcome.reason
+            if outcome
+            else (request.reason if isinstance(request, CancelRequest) else None),
+            result_data=outcome.result_data
+            if outcome
+            else (request.result_data if isinstance(request, CompleteRequest) else None),
             requested_at=pending.requested_at if pending else None,
             steps=self._steps(),
             outcome=self._outcome,
@@ -228,8 +266,17 @@ class TroubleshootingWorkflow:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _on_signal(self, kind: DecisionKind, raw: Any) -> None:
+    async def _on_signal(self, kind: DecisionKind, raw: Any, extra: tuple[Any, ...]) -> None:
         # A signal handler never raises: a bad signal is recorded as refused instead.
+        if extra:
+            # The SDK passes every argument sent; a handler that could not take them would
+            # fail the workflow task again and again, and the workflow would be stuck.
+            await self._refuse(
+                kind.value,
+                describe_input([raw, *extra]),
+                f"input: one JSON object expected, {1 + len(extra)} arguments received",
+            )
+            return
         try:
             request = REQUEST_MODELS[kind].model_validate(raw)
             self._accept(kind, request, via="signal")
@@ -248,7 +295,13 @@ class TroubleshootingWorkflow:
             )
         return pending.outcome
 
-    def _validate(self, kind: DecisionKind, raw: Any) -> None:
+    def _validate(self, kind: DecisionKind, raw: Any, extra: tuple[Any, ...]) -> None:
+        if extra:
+            raise ApplicationError(
+                f"invalid input: one JSON object expected, {1 + len(extra)} arguments received",
+                type=InvalidInputError.__name__,
+                non_retryable=True,
+            )
         _validated(kind, raw)
         self._check_undecided()
 

@@ -194,8 +194,10 @@ async def test_three_conflicting_decisions_on_fifty_commands_carry_out_one_each(
         handle = temporal.get_workflow_handle(workflow_id(domain, command_id))
         moves = [
             handle.signal("cancel", {"reason": "by signal", "operator": "a"}),
-            handle.execute_update("operator_complete", {"operator": "b"}),
-            handle.execute_update("operator_retry", {"operator": "c"}),
+            handle.execute_update(
+                "operator_complete", {"operator": "b"}, result_type=DecisionOutcome
+            ),
+            handle.execute_update("operator_retry", {"operator": "c"}, result_type=DecisionOutcome),
         ]
         # Vary who goes first between commands.
         moves = moves[n % 3 :] + moves[: n % 3]

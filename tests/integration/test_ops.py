@@ -471,3 +471,18 @@ async def test_temporal_cli_batch_signal_cancels_every_match(
     for command_id in command_ids:
         assert await _effects(pool, domain, command_id) == (1, 1)
     assert await status_of(pool, domain, other) == "IN_TROUBLESHOOTING_QUEUE"
+
+
+async def test_misspelt_signal_is_refused_visibly(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
+) -> None:
+    """A signal named `cancle` does not wait unseen: it is refused, in state and audit."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    wid = await tsq.start_workflow(domain, command_id)
+    await temporal.get_workflow_handle(wid).signal("cancle", {"reason": "typo"})
+    refused = await assert_eventually(
+        lambda: audit_rows(pool, domain, command_id, "TSQ_SIGNAL_REFUSED"), lambda r: len(r) == 1
+    )
+    assert "unknown signal 'cancle'" in refused[0]["details_json"]["problem"]
+    assert (await _state(temporal, wid)).state == "AWAITING_OPERATOR"

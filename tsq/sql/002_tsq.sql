@@ -47,3 +47,27 @@ BEGIN
     RETURN v_message;
 END;
 $fn$;
+
+-- The audit trail is append-only, whoever is connected: rows are added, never changed or
+-- removed. Statement-level, so even an UPDATE or DELETE that matches no row is refused.
+CREATE OR REPLACE FUNCTION tsq.forbid_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'commandbus.audit is append-only: % is not allowed', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Audit rows are never changed or removed; record a new event instead.';
+END;
+$fn$;
+
+DO $migration$
+BEGIN
+IF NOT EXISTS (
+    SELECT 1 FROM pg_trigger
+    WHERE tgname = 'tsq_audit_append_only' AND tgrelid = 'commandbus.audit'::regclass
+) THEN
+    CREATE TRIGGER tsq_audit_append_only
+        BEFORE UPDATE OR DELETE OR TRUNCATE ON commandbus.audit
+        FOR EACH STATEMENT EXECUTE FUNCTION tsq.forbid_audit_change();
+END IF;
+END
+$migration$;
