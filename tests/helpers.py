@@ -79,6 +79,26 @@ async def seed_command(
     return command_id
 
 
+async def seed_batch(
+    pool: asyncpg.Pool, domain: str, *, total: int, completed: int = 0, in_troubleshooting: int
+) -> uuid.UUID:
+    """A batch the command bus is running, with some commands done and some parked."""
+    batch_id = uuid.uuid4()
+    await pool.execute(
+        """
+        INSERT INTO commandbus.batch (domain, batch_id, status, total_count, completed_count,
+            in_troubleshooting_count)
+        VALUES ($1, $2, 'IN_PROGRESS', $3, $4, $5)
+        """,
+        domain,
+        batch_id,
+        total,
+        completed,
+        in_troubleshooting,
+    )
+    return batch_id
+
+
 async def replies_for(
     pool: asyncpg.Pool, queue: str, command_id: uuid.UUID
 ) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from tests.helpers import (
     audit_rows,
     new_domain,
     replies_for,
+    seed_batch,
     seed_command,
     status_of,
 )
@@ -146,16 +147,7 @@ async def test_complete_moves_batch_counters(
 ) -> None:
     """Completing a batch's last open command closes the batch as COMPLETED."""
     domain = new_domain()
-    batch_id = uuid.uuid4()
-    await pool.execute(
-        """
-        INSERT INTO commandbus.batch (domain, batch_id, status, total_count, completed_count,
-            in_troubleshooting_count)
-        VALUES ($1, $2, 'IN_PROGRESS', 2, 1, 1)
-        """,
-        domain,
-        batch_id,
-    )
+    batch_id = await seed_batch(pool, domain, total=2, completed=1, in_troubleshooting=1)
     command_id = await seed_command(pool, domain, batch_id=batch_id)
     await tsq.operator_complete(domain, command_id)
     batch = await pool.fetchrow("SELECT * FROM commandbus.batch WHERE batch_id = $1", batch_id)
@@ -166,16 +158,7 @@ async def test_complete_moves_batch_counters(
 async def test_retry_moves_batch_counter(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> None:
     """Retrying a batch's command takes it out of the troubleshooting count; batch stays open."""
     domain = new_domain()
-    batch_id = uuid.uuid4()
-    await pool.execute(
-        """
-        INSERT INTO commandbus.batch (domain, batch_id, status, total_count,
-            in_troubleshooting_count)
-        VALUES ($1, $2, 'IN_PROGRESS', 1, 1)
-        """,
-        domain,
-        batch_id,
-    )
+    batch_id = await seed_batch(pool, domain, total=1, in_troubleshooting=1)
     command_id = await seed_command(pool, domain, batch_id=batch_id)
     await tsq.operator_retry(domain, command_id)
     batch = await pool.fetchrow("SELECT * FROM commandbus.batch WHERE batch_id = $1", batch_id)

@@ -21,6 +21,7 @@ from tests.helpers import (
     audit_rows,
     new_domain,
     replies_for,
+    seed_batch,
     seed_command,
     status_of,
 )
@@ -32,6 +33,17 @@ from workflows.models import CarryOut, DecisionKind, DecisionOutcome, StateView
 
 async def _state(temporal: Client, wid: str) -> StateView:
     return await temporal.get_workflow_handle(wid).query("state", result_type=StateView)
+
+
+def _temporal_cli(server: TemporalDevServer, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `temporal` CLI, as an operator would, against the session's server."""
+    return subprocess.run(
+        [temporal_cli(), *args, "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 async def _effects(pool: asyncpg.Pool, domain: str, command_id: uuid.UUID) -> tuple[int, int]:
@@ -93,15 +105,16 @@ async def test_cancel_through_temporal_cli_signal(
     wid = await tsq.start_workflow("payments", command_id)
     assert wid == f"tsq:payments:{command_id}"
     body = json.dumps({"reason": "Superseded", "operator": "ops@example.com"})
-    cli = subprocess.run(
-        [
-            *(temporal_cli(), "workflow", "signal", "--address", temporal_server.address),
-            *("--workflow-id", wid, "--name", "cancel", "--input", body),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    cli = _temporal_cli(
+        temporal_server,
+        "workflow",
+        "signal",
+        "--workflow-id",
+        wid,
+        "--name",
+        "cancel",
+        "--input",
+        body,
     )
     assert cli.returncode == 0, cli.stderr
     await temporal.get_workflow_handle(wid).result()
@@ -266,16 +279,7 @@ async def test_cancel_moves_batch_counters_and_closes_batch(
 ) -> None:
     """Cancel of a batch's last open command: in_troubleshooting -1, canceled +1, batch closed."""
     domain = new_domain()
-    batch_id = uuid.uuid4()
-    await pool.execute(
-        """
-        INSERT INTO commandbus.batch (domain, batch_id, status, total_count, completed_count,
-            in_troubleshooting_count)
-        VALUES ($1, $2, 'IN_PROGRESS', 2, 1, 1)
-        """,
-        domain,
-        batch_id,
-    )
+    batch_id = await seed_batch(pool, domain, total=2, completed=1, in_troubleshooting=1)
     command_id = await seed_command(pool, domain, batch_id=batch_id)
     await tsq.operator_cancel(domain, command_id, "Invalid account")
     batch = await pool.fetchrow(
@@ -452,15 +456,17 @@ async def test_temporal_cli_batch_signal_cancels_every_match(
 
     await assert_eventually(listed, lambda n: n == 3)
     body = json.dumps({"reason": "ledger migration", "operator": "jane"})
-    cli = subprocess.run(
-        [
-            *(temporal_cli(), "workflow", "signal", "--address", temporal_server.address),
-            *("--query", query, "--name", "cancel", "--input", body, "--yes"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    cli = _temporal_cli(
+        temporal_server,
+        "workflow",
+        "signal",
+        "--query",
+        query,
+        "--name",
+        "cancel",
+        "--input",
+        body,
+        "--yes",
     )
     assert cli.returncode == 0, cli.stderr
 
