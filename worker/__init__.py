@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import asyncpg
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities import TroubleshootingActivities
 from tsq.db import create_pool
@@ -28,6 +29,12 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
         task_queue=task_queue,
         workflows=[TroubleshootingWorkflow],
         activities=[acts.carry_out, acts.record_refusal],
+        # The sandbox would re-import the workflow module for every workflow it loads: a third
+        # of the worker's CPU, and memory, with thousands waiting. The module holds only
+        # constants; the replay tests over stored histories guard its determinism.
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows")
+        ),
     )
 
 
