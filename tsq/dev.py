@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -103,6 +104,7 @@ def _banner(settings: Settings, ui_url: str | None, waiting: list[str], embedded
         f"  PostgreSQL      : {database}",
         "",
         "Use tsq and temporal from another shell with:",
+        f"  export PATH={Path(sys.executable).parent}:$PATH",
         f"  export TSQ_DATABASE_URL='{database}'",
         f"  export TEMPORAL_ADDRESS={settings.temporal_address}",
         "",
