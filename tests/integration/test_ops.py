@@ -46,6 +46,13 @@ def _temporal_cli(server: TemporalDevServer, *args: str) -> subprocess.Completed
     )
 
 
+async def _waiting(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> tuple[str, uuid.UUID, str]:
+    """A parked command in a domain of its own, its workflow started: (domain, id, workflow id)."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    return domain, command_id, await tsq.start_workflow(domain, command_id)
+
+
 async def _effects(pool: asyncpg.Pool, domain: str, command_id: uuid.UUID) -> tuple[int, int]:
     """(OPERATOR_CANCEL audit rows, replies in <domain>__replies) for one command."""
     audits = await audit_rows(pool, domain, command_id, "OPERATOR_CANCEL")
@@ -141,9 +148,7 @@ async def test_malformed_cancel_signal_is_refused_visibly(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client, raw: Any
 ) -> None:
     """A bad `cancel` signal changes nothing, shows in `state` and in the audit trail."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     await temporal.get_workflow_handle(wid).signal("cancel", raw)
     await assert_eventually(
         lambda: audit_rows(pool, domain, command_id, "TSQ_SIGNAL_REFUSED"),
@@ -163,9 +168,7 @@ async def test_second_decision_is_refused(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """Once decided, a second cancel is refused (update) or recorded as refused (signal)."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     handle = temporal.get_workflow_handle(wid)
     await handle.signal("cancel", {"reason": "first", "operator": "a"})
     await handle.signal("cancel", {"reason": "second", "operator": "b"})
@@ -183,9 +186,7 @@ async def test_concurrent_updates_carry_out_one_decision(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """Ten updates at once: one carries out, nine are refused, one audit row and one reply."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     handle = temporal.get_workflow_handle(wid)
     results = await asyncio.gather(
         *(
@@ -211,9 +212,7 @@ async def test_update_with_blank_reason_is_rejected_and_writes_nothing(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """The `operator_cancel` validator refuses a blank reason; no history, no audit."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     handle = temporal.get_workflow_handle(wid)
     with pytest.raises(WorkflowUpdateFailedError) as refused:
         await handle.execute_update("operator_cancel", {"reason": " "})
@@ -257,9 +256,7 @@ async def test_command_decided_outside_tsq_is_not_overwritten(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """Another tool completed the command while its workflow waited: nothing is overwritten."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     await pool.execute(
         "UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = $1", command_id
     )
@@ -405,9 +402,7 @@ async def test_request_cancellation_from_the_ui_keeps_the_workflow_waiting(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """Cancelling the workflow is not a decision: it keeps waiting and says why; cancel works."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     await temporal.get_workflow_handle(wid).cancel()
     refused = await assert_eventually(
         lambda: audit_rows(pool, domain, command_id, "TSQ_SIGNAL_REFUSED"), lambda r: len(r) == 1
@@ -424,9 +419,7 @@ async def test_refusal_reaches_caller_without_stack_trace(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """A refused update carries the message an operator needs, and no Python stack trace."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    *_, wid = await _waiting(tsq, pool)
     with pytest.raises(WorkflowUpdateFailedError) as refused:
         await temporal.get_workflow_handle(wid).execute_update("operator_cancel", {"reason": ""})
     cause = refused.value.cause
@@ -483,9 +476,7 @@ async def test_misspelt_signal_is_refused_visibly(
     tsq: TroubleshootingClient, pool: asyncpg.Pool, temporal: Client
 ) -> None:
     """A signal named `cancle` does not wait unseen: it is refused, in state and audit."""
-    domain = new_domain()
-    command_id = await seed_command(pool, domain)
-    wid = await tsq.start_workflow(domain, command_id)
+    domain, command_id, wid = await _waiting(tsq, pool)
     await temporal.get_workflow_handle(wid).signal("cancle", {"reason": "typo"})
     refused = await assert_eventually(
         lambda: audit_rows(pool, domain, command_id, "TSQ_SIGNAL_REFUSED"), lambda r: len(r) == 1
