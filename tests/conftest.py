@@ -89,8 +89,12 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture(scope="session")
-async def temporal(settings: Settings) -> Client:
-    return await connect(settings)
+async def temporal(settings: Settings, temporal_server: TemporalDevServer) -> Client:
+    try:
+        return await connect(settings)
+    except RuntimeError as error:
+        server = temporal_server.health()
+        raise RuntimeError(f"{error}\nthe session's dev server: {server}") from error
 
 
 @pytest.fixture(scope="session")
