@@ -70,8 +70,12 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
 
 
 @pytest.fixture(scope="session")
-def screenshots() -> Path:
-    """The README's operator guide shows these; every run overwrites them."""
-    path = Path(__file__).resolve().parents[2] / "docs" / "images"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tests save what the operator saw. The README's operator guide shows them:
+    `TSQ_UPDATE_SCREENSHOTS=1 pytest tests/browser` refreshes docs/images; other runs keep
+    them in pytest's temporary folder, so a test run leaves the working tree clean."""
+    if os.environ.get("TSQ_UPDATE_SCREENSHOTS"):
+        path = Path(__file__).resolve().parents[2] / "docs" / "images"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("screenshots")
