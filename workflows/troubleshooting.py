@@ -36,17 +36,21 @@ with workflow.unsafe.imports_passed_through():
 
 # Each attempt gets this long; attempts go on, with backoff, until the database answers.
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
+_NON_RETRYABLE = [
+    "CommandNotFoundError",
+    "InvalidOperationError",
+    "PayloadNotFoundError",
+    "InvalidInputError",
+]
 ACTIVITY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
-    non_retryable_error_types=[
-        "CommandNotFoundError",
-        "InvalidOperationError",
-        "PayloadNotFoundError",
-        "InvalidInputError",
-    ],
+    non_retryable_error_types=_NON_RETRYABLE,
 )
+# A decision's first attempt, on its own: when it fails, the workflow list is told the decision
+# is held up before the attempts go on.
+FIRST_ATTEMPT = RetryPolicy(maximum_attempts=1, non_retryable_error_types=_NON_RETRYABLE)
 
 _CANCEL_INPUT = 'Input: {"reason": "why", "operator": "you@example.com"}'
 _RETRY_INPUT = 'Input: {"operator": "you@example.com"}'
@@ -132,29 +136,44 @@ class TroubleshootingWorkflow:
     async def _carry_out(self, pending: _Pending) -> DecisionOutcome | None:
         working, done = _WORKING[pending.kind]
         self._state = working
-        self._publish()
+        # The details say CANCELING (or RETRYING, COMPLETING) at once. The TsqState search
+        # attribute changes once, to the outcome, when the first attempt succeeds, as nearly
+        # all do: each upsert is one more history event and visibility write per decision.
+        self._publish(search_attribute=False)
         info = workflow.info()
         request = pending.request
+        carry_out = CarryOut(
+            effect_key=f"{info.workflow_id}/{info.run_id}/decision",
+            workflow_id=info.workflow_id,
+            domain=self._command.domain,
+            command_id=self._command.command_id,
+            decision=pending.kind,
+            reason=request.reason if isinstance(request, CancelRequest) else None,
+            operator=request.operator,
+            result_data=(request.result_data if isinstance(request, CompleteRequest) else None),
+            via="update" if pending.via == "update" else "signal",
+            request_id=pending.request_id,
+        )
         try:
-            outcome = await workflow.execute_local_activity_method(
-                TroubleshootingActivities.carry_out,
-                CarryOut(
-                    effect_key=f"{info.workflow_id}/{info.run_id}/decision",
-                    workflow_id=info.workflow_id,
-                    domain=self._command.domain,
-                    command_id=self._command.command_id,
-                    decision=pending.kind,
-                    reason=request.reason if isinstance(request, CancelRequest) else None,
-                    operator=request.operator,
-                    result_data=(
-                        request.result_data if isinstance(request, CompleteRequest) else None
-                    ),
-                    via="update" if pending.via == "update" else "signal",
-                    request_id=pending.request_id,
-                ),
-                start_to_close_timeout=ACTIVITY_TIMEOUT,
-                retry_policy=ACTIVITY_RETRY,
-            )
+            try:
+                outcome = await workflow.execute_local_activity_method(
+                    TroubleshootingActivities.carry_out,
+                    carry_out,
+                    start_to_close_timeout=ACTIVITY_TIMEOUT,
+                    retry_policy=FIRST_ATTEMPT,
+                )
+            except (ActivityError, ApplicationError) as err:
+                if _refused(err):
+                    raise
+                # Held up (database away, row locked): the workflow list shows it from now on,
+                # and the attempts go on with backoff until the database takes the decision.
+                self._publish()
+                outcome = await workflow.execute_local_activity_method(
+                    TroubleshootingActivities.carry_out,
+                    carry_out,
+                    start_to_close_timeout=ACTIVITY_TIMEOUT,
+                    retry_policy=ACTIVITY_RETRY,
+                )
         except (ActivityError, ApplicationError) as err:
             # Only non-retryable errors get here: the transaction rolled back, nothing changed.
             # The command goes back to waiting, and the refusal stays visible. (A local
@@ -348,9 +367,12 @@ class TroubleshootingWorkflow:
             progress = "in progress"
         return dict.fromkeys(steps_of(self._pending.kind, self._command), progress)
 
-    def _publish(self) -> None:
+    def _publish(self, *, search_attribute: bool = True) -> None:
         # Upsert only on change: each upsert is one more history event.
-        if workflow.info().typed_search_attributes.get(TSQ_STATE) != self._state.value:
+        if (
+            search_attribute
+            and workflow.info().typed_search_attributes.get(TSQ_STATE) != self._state.value
+        ):
             workflow.upsert_search_attributes([TSQ_STATE.value_set(self._state.value)])
         workflow.set_current_details(
             render_details(
@@ -369,6 +391,14 @@ def _validated(kind: DecisionKind, raw: Any) -> DecisionRequest:
         raise ApplicationError(
             f"invalid input: {_problem(err)}", type=InvalidInputError.__name__, non_retryable=True
         ) from None
+
+
+def _refused(err: ActivityError | ApplicationError) -> bool:
+    """A failure that retrying cannot fix; a local activity's may arrive unwrapped."""
+    cause = err.cause if isinstance(err, ActivityError) else err
+    return isinstance(cause, ApplicationError) and (
+        cause.non_retryable or cause.type in _NON_RETRYABLE
+    )
 
 
 def _problem(err: Exception) -> str:

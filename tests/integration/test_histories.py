@@ -1,0 +1,175 @@
+"""What each kind of decision writes into the workflow's history, and what the list shows.
+
+Few events per decision is what lets the server decide thousands of commands: the usual one
+changes `TsqState` once, to its outcome, with one local-activity marker. A decision held up by
+the database shows its working state (CANCELING, ...) in the list until it goes through.
+
+These runs are also the histories `tests/unit/test_replay.py` replays against the current
+workflow code: `TSQ_CAPTURE_HISTORIES=1 pytest tests/integration/test_histories.py` stores them
+in tests/histories (do it when a workflow change is meant to alter histories, before release).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+
+from tests.helpers import assert_eventually, new_domain, seed_command, status_of
+from tsq import TroubleshootingClient
+from workflows.models import DecisionOutcome
+
+HISTORIES = Path(__file__).resolve().parents[1] / "histories"
+UPSERT = EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+MARKER = EventType.EVENT_TYPE_MARKER_RECORDED
+CANCEL = {"reason": "Account closed by the customer", "operator": "jane@example.com"}
+
+
+async def _parked(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> tuple[str, uuid.UUID, WorkflowHandle[Any, DecisionOutcome]]:
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    workflow_id = await tsq.start_workflow(domain, command_id)
+    return (
+        domain,
+        command_id,
+        tsq.temporal.get_workflow_handle(workflow_id, result_type=DecisionOutcome),
+    )
+
+
+async def _events(handle: WorkflowHandle[Any, DecisionOutcome], name: str) -> Counter[int]:
+    """The closed workflow's events by type; stores the history under `name` when asked."""
+    outcome = await handle.result()
+    assert outcome is not None
+    history = await handle.fetch_history()
+    if os.environ.get("TSQ_CAPTURE_HISTORIES"):
+        (HISTORIES / f"{name}.json").write_text(history.to_json() + "\n", encoding="utf-8")
+    return Counter(event.event_type for event in history.events)
+
+
+async def _listed_as(temporal: Client, workflow_id: str, state: str) -> int:
+    query = f'WorkflowId = "{workflow_id}" AND TsqState = "{state}"'
+    return (await temporal.count_workflows(query)).count
+
+
+@pytest.mark.parametrize(
+    ("name", "signal", "payload", "status"),
+    [
+        ("cancel_signal", "cancel", CANCEL, "CANCELED"),
+        ("complete_signal", "complete", {"result_data": {"ok": True}}, "COMPLETED"),
+    ],
+)
+async def test_decision_by_signal_changes_state_once_with_one_marker(
+    tsq: TroubleshootingClient,
+    pool: asyncpg.Pool,
+    name: str,
+    signal: str,
+    payload: dict[str, Any],
+    status: str,
+) -> None:
+    domain, command_id, handle = await _parked(tsq, pool)
+    await handle.signal(signal, payload)
+    events = await _events(handle, name)
+    assert (events[UPSERT], events[MARKER]) == (1, 1)
+    assert await _listed_as(tsq.temporal, handle.id, status) == 1
+    assert await status_of(pool, domain, command_id) == status
+
+
+async def test_retry_by_update_changes_state_once_with_one_marker(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    _, _, handle = await _parked(tsq, pool)
+    await handle.execute_update("operator_retry", {"operator": "jane@example.com"})
+    events = await _events(handle, "retry_update")
+    assert (events[UPSERT], events[MARKER]) == (1, 1)
+    assert await _listed_as(tsq.temporal, handle.id, "RETRIED") == 1
+
+
+async def test_update_after_refused_signal_writes_one_marker_for_each(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    domain, command_id, handle = await _parked(tsq, pool)
+    await handle.signal("cancel", {"reason": "  "})
+    await handle.execute_update("operator_cancel", CANCEL)
+    events = await _events(handle, "cancel_update_after_refused_signal")
+    assert (events[UPSERT], events[MARKER]) == (1, 2)
+    assert await status_of(pool, domain, command_id) == "CANCELED"
+
+
+async def test_refusals_then_update_leave_the_list_untouched_until_decided(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A misspelt signal, a bad one and a cancellation request: refused, recorded, no upsert."""
+    _, _, handle = await _parked(tsq, pool)
+    await handle.signal("cancle", CANCEL)
+    await handle.signal("cancel", {"operator": "jane@example.com"})
+    await handle.cancel()
+    await assert_eventually(lambda: handle.query("state"), lambda state: len(state["refused"]) == 3)
+    assert await _listed_as(tsq.temporal, handle.id, "AWAITING_OPERATOR") == 1
+    await handle.execute_update("operator_complete", {"result_data": None})
+    events = await _events(handle, "refusals_then_complete_update")
+    assert (events[UPSERT], events[MARKER]) == (1, 4)
+
+
+async def test_decided_elsewhere_changes_state_once(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    domain, command_id, handle = await _parked(tsq, pool)
+    await pool.execute(
+        "UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = $1", command_id
+    )
+    await handle.signal("cancel", CANCEL)
+    events = await _events(handle, "cancel_decided_elsewhere")
+    assert (events[UPSERT], events[MARKER]) == (1, 1)
+    assert await _listed_as(tsq.temporal, handle.id, "DECIDED_ELSEWHERE") == 1
+    assert await status_of(pool, domain, command_id) == "COMPLETED"
+
+
+async def test_refused_decision_leaves_the_list_awaiting(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A retry with no original message to send is refused at once: no upsert, still waiting."""
+    domain, command_id, handle = await _parked(tsq, pool)
+    await pool.execute("DELETE FROM pgmq.a_" + f"{domain}__commands")
+    with pytest.raises(WorkflowUpdateFailedError):
+        await handle.execute_update("operator_retry", {"operator": "jane@example.com"})
+    assert await _listed_as(tsq.temporal, handle.id, "AWAITING_OPERATOR") == 1
+    await handle.signal("cancel", CANCEL)
+    events = await _events(handle, "retry_refused_then_cancel")
+    assert (events[UPSERT], events[MARKER]) == (1, 2)
+    assert await status_of(pool, domain, command_id) == "CANCELED"
+
+
+async def test_held_up_decision_shows_its_working_state_in_the_list(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The command row locked by another tool: the first attempt fails on its lock timeout, the
+    list says CANCELING while the attempts go on, and the decision goes through once the lock
+    is gone."""
+    domain, command_id, handle = await _parked(tsq, pool)
+    async with pool.acquire() as conn:
+        locker = conn.transaction()
+        await locker.start()
+        try:
+            await conn.execute(
+                "SELECT 1 FROM commandbus.command WHERE command_id = $1 FOR UPDATE", command_id
+            )
+            await handle.signal("cancel", CANCEL)
+            await assert_eventually(
+                lambda: _listed_as(tsq.temporal, handle.id, "CANCELING"), within=60
+            )
+            assert await status_of(pool, domain, command_id) == "IN_TROUBLESHOOTING_QUEUE"
+        finally:
+            await locker.rollback()
+    events = await _events(handle, "cancel_held_up")
+    assert events[UPSERT] == 2 and events[MARKER] >= 2
+    assert await _listed_as(tsq.temporal, handle.id, "CANCELED") == 1
+    assert await status_of(pool, domain, command_id) == "CANCELED"
