@@ -15,13 +15,16 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from tsq.db import TSQ_STATUS, check_queue_name, ensure_queue
+from tsq.db import TSQ_STATUS, check_queue_name
 from tsq.errors import InvalidInputError, PayloadNotFoundError
 from workflows.models import CarryOut, DecisionKind, DecisionOutcome, RecordRefusal
 
 # A decision that waits longer than this on a row lock fails the attempt and is retried later,
 # instead of holding a connection while another tool keeps the row locked.
 LOCK_TIMEOUT = "5s"
+
+# An audit row to write: event type and details.
+Audit = tuple[str, dict[str, Any]]
 
 _STATUS_AFTER = {
     DecisionKind.CANCEL: "CANCELED",
@@ -77,8 +80,7 @@ class TroubleshootingActivities:
     async def carry_out(self, req: CarryOut) -> DecisionOutcome:
         """Carry out an operator's decision: status, audit row and reply in one transaction."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('lock_timeout', $1, true)", LOCK_TIMEOUT)
-            done = await _recorded(conn, req.effect_key)
+            done = await _recorded(conn, req.effect_key, lock_timeout=LOCK_TIMEOUT)
             if done is not None:
                 return done
             # The guarded transition: only a command still waiting in the troubleshooting
@@ -106,22 +108,17 @@ class TroubleshootingActivities:
                     done = await _recorded(conn, req.effect_key)
                     assert done is not None
                     return done
-            elif req.decision is DecisionKind.RETRY:
-                outcome = await _retry(conn, req, row)
+                await _record(conn, req, outcome)
+                return outcome
+            if req.decision is DecisionKind.RETRY:
+                outcome, audit = await _retry(conn, req, row)
             else:
-                outcome = await _reply_and_audit(conn, req, row)
-            await conn.execute(
-                """
-                INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
-                VALUES ($1, $2, $3, $4, $5)
-                """,
-                req.effect_key,
-                req.domain,
-                req.command_id,
-                req.decision.value,
-                outcome.model_dump(mode="json"),
-            )
-            return outcome
+                outcome, audit = await _reply(conn, req, row)
+            audit_id = await _record(conn, req, outcome, audit)
+            # Last: the batch row stays locked until the commit, and other decisions of the
+            # batch wait for it.
+            await _move_batch(conn, req, row)
+            return outcome.model_copy(update={"audit_id": audit_id})
 
     @activity.defn(name="tsq.record_refusal")
     async def record_refusal(self, req: RecordRefusal) -> None:
@@ -154,9 +151,66 @@ def _refusal(message: str, error: type[Exception]) -> ApplicationError:
     return ApplicationError(message, type=error.__name__, non_retryable=True)
 
 
-async def _recorded(conn: asyncpg.Connection, effect_key: str) -> DecisionOutcome | None:
-    result = await conn.fetchval("SELECT result FROM tsq.effect WHERE effect_key = $1", effect_key)
+async def _recorded(
+    conn: asyncpg.Connection, effect_key: str, *, lock_timeout: str | None = None
+) -> DecisionOutcome | None:
+    """The outcome an earlier attempt recorded under `effect_key`, if any; with `lock_timeout`,
+    also sets the transaction's lock timeout in the same round trip."""
+    result = await conn.fetchval(
+        """
+        SELECT (SELECT result FROM tsq.effect WHERE effect_key = $1),
+               CASE WHEN $2::text IS NOT NULL THEN set_config('lock_timeout', $2, true) END
+        """,
+        effect_key,
+        lock_timeout,
+    )
     return None if result is None else DecisionOutcome.model_validate(result)
+
+
+async def _record(
+    conn: asyncpg.Connection,
+    req: CarryOut,
+    outcome: DecisionOutcome,
+    audit: Audit | None = None,
+) -> int | None:
+    """The idempotency record of the decision and, when it changed the command, its audit row:
+    one statement. Returns the audit row's id, which the recorded outcome carries too."""
+    result = outcome.model_dump(mode="json")
+    if audit is None:
+        await conn.execute(
+            """
+            INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+            VALUES ($1, $2, $3, $4, $5)
+            """,
+            req.effect_key,
+            req.domain,
+            req.command_id,
+            req.decision.value,
+            result,
+        )
+        return None
+    event, details = audit
+    audit_id: int = await conn.fetchval(
+        """
+        WITH audit AS (
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            VALUES ($2, $3, $5, $6)
+            RETURNING audit_id
+        )
+        INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+        SELECT $1, $2, $3, $4, $7::jsonb || jsonb_build_object('audit_id', audit.audit_id)
+        FROM audit
+        RETURNING (result ->> 'audit_id')::bigint
+        """,
+        req.effect_key,
+        req.domain,
+        req.command_id,
+        req.decision.value,
+        event,
+        details,
+        result,
+    )
+    return audit_id
 
 
 async def _audit(
@@ -176,11 +230,10 @@ async def _audit(
 
 
 async def _send(conn: asyncpg.Connection, queue: str, message: dict[str, Any]) -> int:
+    """Send to a PGMQ queue, created if missing, and notify its consumers (`tsq.send`)."""
     msg_id: int = await conn.fetchval(
-        "SELECT * FROM pgmq.send($1::text, $2::jsonb)", queue, message
+        "SELECT tsq.send($1::text, $2::jsonb)", check_queue_name(queue), message
     )
-    # Consumers of the reference command bus wait on this channel for new messages.
-    await conn.execute("SELECT pg_notify($1, '')", f"pgmq_notify_{queue}")
     return msg_id
 
 
@@ -223,20 +276,24 @@ async def _not_decidable(conn: asyncpg.Connection, req: CarryOut) -> DecisionOut
     )
 
 
-async def _reply_and_audit(
+def _queue_or_refuse(queue: str, req: CarryOut, doing: str) -> str:
+    try:
+        return check_queue_name(queue)
+    except InvalidInputError as err:
+        raise _refusal(
+            f"cannot {doing} command {req.command_id}: {err}", InvalidInputError
+        ) from None
+
+
+async def _reply(
     conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record
-) -> DecisionOutcome:
-    """Cancel or complete: the reply (if the command has a reply queue) and the audit row."""
+) -> tuple[DecisionOutcome, Audit]:
+    """Cancel or complete: the reply, if the command has a reply queue; the audit row to write."""
     cancel = req.decision is DecisionKind.CANCEL
     reply_queue: str | None = row["reply_queue"] or None
     reply_msg_id: int | None = None
     if reply_queue is not None:
-        try:
-            await ensure_queue(conn, check_queue_name(reply_queue))
-        except InvalidInputError as err:
-            raise _refusal(
-                f"cannot send the reply of command {req.command_id}: {err}", InvalidInputError
-            ) from None
+        _queue_or_refuse(reply_queue, req, "send the reply of")
         body = reply_body(
             row,
             outcome="CANCELED" if cancel else "SUCCESS",
@@ -258,11 +315,8 @@ async def _reply_and_audit(
     )
     if reply_queue is None:
         details["note"] = "the command has no reply queue: no reply was sent"
-    event = "OPERATOR_CANCEL" if cancel else "OPERATOR_COMPLETE"
-    audit_id = await _audit(conn, req.domain, req.command_id, event, details)
-    await _move_batch(conn, req, row)
     verb = "canceled" if cancel else "completed"
-    return DecisionOutcome(
+    outcome = DecisionOutcome(
         decision=req.decision,
         carried_out=True,
         status=_STATUS_AFTER[req.decision],
@@ -272,16 +326,18 @@ async def _reply_and_audit(
         result_data=None if cancel else req.result_data,
         reply_queue=reply_queue,
         reply_msg_id=reply_msg_id,
-        audit_id=audit_id,
         detail=(
             f"{verb}; reply {reply_msg_id} sent to {reply_queue}"
             if reply_queue
             else f"{verb}; no reply queue, no reply sent"
         ),
     )
+    return outcome, ("OPERATOR_CANCEL" if cancel else "OPERATOR_COMPLETE", details)
 
 
-async def _retry(conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record) -> DecisionOutcome:
+async def _retry(
+    conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record
+) -> tuple[DecisionOutcome, Audit]:
     """Send the command's original message again to its queue; the command runs anew."""
     queue = row["queue_name"] or f"{req.domain}__commands"
     payload = await conn.fetchval(
@@ -305,39 +361,33 @@ async def _retry(conn: asyncpg.Connection, req: CarryOut, row: asyncpg.Record) -
             "nothing was changed",
             PayloadNotFoundError,
         )
-    try:
-        await ensure_queue(conn, check_queue_name(queue))
-    except InvalidInputError as err:
-        raise _refusal(f"cannot retry command {req.command_id}: {err}", InvalidInputError) from None
-    new_msg_id = await _send(conn, queue, payload)
-    await conn.execute(
-        "UPDATE commandbus.command SET msg_id = $3 WHERE domain = $1 AND command_id = $2",
+    # The message is sent and its id stored on the command in one statement.
+    new_msg_id: int = await conn.fetchval(
+        """
+        UPDATE commandbus.command SET msg_id = tsq.send($3::text, $4::jsonb)
+        WHERE domain = $1 AND command_id = $2
+        RETURNING msg_id
+        """,
         req.domain,
         req.command_id,
-        new_msg_id,
+        _queue_or_refuse(queue, req, "retry"),
+        payload,
     )
-    audit_id = await _audit(
-        conn,
-        req.domain,
-        req.command_id,
-        "OPERATOR_RETRY",
-        {
-            "operator": req.operator,
-            "new_msg_id": new_msg_id,
-            "old_msg_id": row["msg_id"],
-            "payload_from": source,
-            "workflow_id": req.workflow_id,
-            "via": req.via,
-        },
-    )
-    await _move_batch(conn, req, row)
-    return DecisionOutcome(
+    outcome = DecisionOutcome(
         decision=req.decision,
         carried_out=True,
         status="PENDING",
         operator=req.operator,
         request_id=req.request_id,
         new_msg_id=new_msg_id,
-        audit_id=audit_id,
         detail=f"retried; message {new_msg_id} sent to {queue}",
     )
+    details = {
+        "operator": req.operator,
+        "new_msg_id": new_msg_id,
+        "old_msg_id": row["msg_id"],
+        "payload_from": source,
+        "workflow_id": req.workflow_id,
+        "via": req.via,
+    }
+    return outcome, ("OPERATOR_RETRY", details)

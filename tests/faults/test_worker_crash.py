@@ -67,9 +67,9 @@ async def test_worker_killed_inside_the_decision_transaction(
     for decision in DECISIONS:
         interrupted = 0
         while interrupted < INTERRUPTED_PER_BOUNDARY:
-            # The batch row stays locked from the counter update to the commit: at the last
-            # step only one decision of a batch could be inside its transaction.
-            seeded = await seed(db, new_domain(), DECISIONS_PER_ROUND, batch=boundary != "effect")
+            # The batch counters move last, after every step paused here: the decisions of one
+            # batch are all inside their transactions at once.
+            seeded = await seed(db, new_domain(), DECISIONS_PER_ROUND, batch=True)
             await hold(db, seeded.domain, boundary, queue=f"{seeded.domain}__{decision.sends_to}")
             victims = await asyncio.gather(
                 *(workers.start(f"victim-{decision}-{i}") for i in range(VICTIMS))

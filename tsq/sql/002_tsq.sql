@@ -48,6 +48,28 @@ BEGIN
 END;
 $fn$;
 
+-- Send a message to a PGMQ queue in one round trip: create the queue if it is missing (a reply
+-- is never dropped for want of one), send, and wake the reference command bus's consumers,
+-- which wait on the queue's notification channel. Callers validate the name first; this
+-- refuses anything else before it becomes part of a table name.
+CREATE OR REPLACE FUNCTION tsq.send(p_queue TEXT, p_message JSONB)
+RETURNS BIGINT LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_msg_id BIGINT;
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+        RAISE EXCEPTION 'invalid PGMQ queue name: %', p_queue
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
+        PERFORM pgmq.create(p_queue);
+    END IF;
+    SELECT * INTO v_msg_id FROM pgmq.send(p_queue, p_message);
+    PERFORM pg_notify('pgmq_notify_' || p_queue, '');
+    RETURN v_msg_id;
+END;
+$fn$;
+
 -- The audit trail is append-only, whoever is connected: rows are added, never changed or
 -- removed. Statement-level, so even an UPDATE or DELETE that matches no row is refused.
 CREATE OR REPLACE FUNCTION tsq.forbid_audit_change() RETURNS trigger
