@@ -454,60 +454,51 @@ class TroubleshootingClient:
         changes nothing and only makes sure the workflow runs.
         """
         domain, cid = _domain(domain), _command_uuid(command_id)
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                """
+        # One statement, so one round trip and atomic by itself: the guarded status change,
+        # the message archived, the audit row and the batch counter, all or nothing.
+        row = await self.pool.fetchrow(
+            """
+            WITH moved AS (
                 UPDATE commandbus.command
-                SET status = $3, last_error_type = $4, last_error_code = $5, last_error_msg = $6,
-                    updated_at = now()
+                SET status = $3, last_error_type = $4, last_error_code = $5,
+                    last_error_msg = $6, updated_at = now()
                 WHERE domain = $1 AND command_id = $2 AND status <> ALL($7::text[])
                 RETURNING *
-                """,
-                domain,
-                cid,
-                TSQ_STATUS,
-                error_type,
-                error_code,
-                error_message,
-                [TSQ_STATUS, *_TERMINAL],
+            ), archived AS (
+                SELECT pgmq.archive(queue_name, msg_id) FROM moved
+                WHERE msg_id IS NOT NULL AND queue_name <> ''
+            ), audited AS (
+                INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+                SELECT domain, command_id, 'MOVED_TO_TSQ',
+                    jsonb_build_object('msg_id', msg_id, 'attempt', attempts,
+                        'max_attempts', max_attempts, 'error_type', $4::text,
+                        'error_code', $5::text, 'error_msg', $6::text) || $8::jsonb
+                FROM moved
+            ), counted AS (
+                SELECT commandbus.sp_update_batch_counters(domain, batch_id, 'tsq_move')
+                FROM moved WHERE batch_id IS NOT NULL
             )
-            if row is None:
-                row = await self._command(conn, domain, cid)
-                if row["status"] != TSQ_STATUS:
-                    raise InvalidOperationError(
-                        f"command {cid} in {domain} is {row['status']}: a finished command "
-                        "cannot be moved to the troubleshooting queue"
-                    )
-            else:
-                if row["msg_id"] is not None and row["queue_name"]:
-                    await conn.execute(
-                        "SELECT pgmq.archive($1::text, $2::bigint)",
-                        row["queue_name"],
-                        row["msg_id"],
-                    )
-                await conn.execute(
-                    """
-                    INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-                    VALUES ($1, $2, 'MOVED_TO_TSQ', $3)
-                    """,
-                    domain,
-                    cid,
-                    {
-                        "msg_id": row["msg_id"],
-                        "attempt": row["attempts"],
-                        "max_attempts": row["max_attempts"],
-                        "error_type": error_type,
-                        "error_code": error_code,
-                        "error_msg": error_message,
-                        **(details or {}),
-                    },
+            -- A SELECT in WITH runs only where it is read: these two are read here.
+            SELECT moved.*, (SELECT count(*) FROM archived) AS archived_messages,
+                (SELECT count(*) FROM counted) AS batch_updates
+            FROM moved
+            """,
+            domain,
+            cid,
+            TSQ_STATUS,
+            error_type,
+            error_code,
+            error_message,
+            [TSQ_STATUS, *_TERMINAL],
+            details or {},
+        )
+        if row is None:
+            row = await self._command(self.pool, domain, cid)
+            if row["status"] != TSQ_STATUS:
+                raise InvalidOperationError(
+                    f"command {cid} in {domain} is {row['status']}: a finished command "
+                    "cannot be moved to the troubleshooting queue"
                 )
-                if row["batch_id"] is not None:
-                    await conn.execute(
-                        "SELECT commandbus.sp_update_batch_counters($1, $2, 'tsq_move')",
-                        domain,
-                        row["batch_id"],
-                    )
         return await self._ensure_workflow(_snapshot(row))
 
     async def start_workflow(self, domain: str, command_id: str | UUID) -> str:

@@ -271,6 +271,42 @@ async def test_command_decided_outside_tsq_is_not_overwritten(
     assert described.typed_search_attributes.get(TSQ_STATE) == "DECIDED_ELSEWHERE"
 
 
+async def test_move_archives_message_audits_and_counts_batch_in_one_go(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """Parking a running command of a batch: its message goes to the PGMQ archive (for a later
+    retry), the MOVED_TO_TSQ row carries the error, the batch counts one more in TSQ."""
+    domain = new_domain()
+    batch_id = await seed_batch(pool, domain, total=3, completed=1, in_troubleshooting=0)
+    command_id = await seed_command(pool, domain, status="IN_PROGRESS", batch_id=batch_id)
+    msg_id = await pool.fetchval(
+        "SELECT msg_id FROM commandbus.command WHERE command_id = $1", command_id
+    )
+    await tsq.move_to_troubleshooting(
+        domain,
+        command_id,
+        error_type="TRANSIENT",
+        error_code="TIMEOUT",
+        error_message="ledger did not answer",
+        details={"worker": "w-1"},
+    )
+    queue = f"{domain}__commands"
+    assert await pool.fetchval(f'SELECT count(*) FROM pgmq."q_{queue}"') == 0
+    assert await pool.fetchval(f'SELECT msg_id FROM pgmq."a_{queue}"') == msg_id
+    [moved] = await audit_rows(pool, domain, command_id, "MOVED_TO_TSQ")
+    assert moved["details_json"] == {
+        "msg_id": msg_id,
+        "attempt": 3,
+        "max_attempts": 3,
+        "error_type": "TRANSIENT",
+        "error_code": "TIMEOUT",
+        "error_msg": "ledger did not answer",
+        "worker": "w-1",
+    }
+    batch = await pool.fetchrow("SELECT * FROM commandbus.batch WHERE batch_id = $1", batch_id)
+    assert batch["in_troubleshooting_count"] == 1
+
+
 async def test_cancel_moves_batch_counters_and_closes_batch(
     tsq: TroubleshootingClient, pool: asyncpg.Pool
 ) -> None:
