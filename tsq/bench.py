@@ -43,13 +43,14 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import reply_body
 from tsq.bench_workflow import BareWorkflow
-from tsq.client import TroubleshootingClient
+from tsq.client import TroubleshootingClient, start_metadata
 from tsq.db import TSQ_STATUS, create_pool, ensure_queue, migrate
 from tsq.devstack import embedded_postgres, start_temporal
 from tsq.settings import Settings
 from tsq.temporal import connect, register_search_attributes
 from worker import new_worker
 from workflows import workflow_id
+from workflows.models import CommandSnapshot
 
 T = TypeVar("T")
 
@@ -309,7 +310,23 @@ class _Bench:
         bare_queue = f"tsq-bench-{self.run_id}-bare"
         tsq_ids = await self._seed(domain, total, parked=False)
         bare_ids = [f"tsq-bench-bare:{self.run_id}:{i}" for i in range(total)]
+        marked_ids = [f"tsq-bench-bare-marked:{self.run_id}:{i}" for i in range(total)]
         client = TroubleshootingClient(self.temporal, self.pool, task_queue=tsq_queue)
+        # What tsq starts its workflows with besides the id: search attributes, summary, details.
+        marks = start_metadata(
+            CommandSnapshot(
+                domain=f"{domain}_marked",
+                command_id=uuid.uuid4(),
+                command_type="DebitAccount",
+                correlation_id=uuid.uuid4(),
+                reply_queue=f"{domain}__replies",
+                attempts=3,
+                max_attempts=3,
+                last_error_type="PERMANENT",
+                last_error_code="BENCH",
+                last_error_msg="parked by tsq bench",
+            )
+        )
 
         async def tsq_start(cid: uuid.UUID) -> None:
             await client.move_to_troubleshooting(
@@ -341,6 +358,19 @@ class _Bench:
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             )
 
+        async def marked_start(wid: str) -> None:
+            await self.temporal.start_workflow(
+                BareWorkflow.run,
+                wid,
+                id=wid,
+                task_queue=bare_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                **marks,
+            )
+
+        async def marked_finish(wid: str) -> None:
+            await self.temporal.get_workflow_handle(wid).terminate(reason="start rate measured")
+
         async def bare_decide(wid: str) -> None:
             # The call tsq's SDK makes: update-with-start, waiting for the update's result.
             answer = await self.temporal.execute_update_with_start_workflow(
@@ -368,16 +398,26 @@ class _Bench:
                 # Alternating rounds: a burst of load from elsewhere on the machine hits
                 # both sides instead of whichever happened to run then.
                 rounds = min(ROUNDS, n)
-                tsq_starts, bare_starts = Rate.empty(), Rate.empty()
-                _say(f"starting {total} tsq and {total} bare workflows, {k} at a time")
-                for tsq_part, bare_part in zip(
-                    _chunks(tsq_ids, rounds), _chunks(bare_ids, rounds), strict=True
+                tsq_starts, bare_starts, marked_starts = Rate.empty(), Rate.empty(), Rate.empty()
+                _say(
+                    f"starting {total} tsq and {total} bare workflows, and {total} bare ones "
+                    f"with tsq's search attributes, summary and details, {k} at a time"
+                )
+                for tsq_part, bare_part, marked_part in zip(
+                    _chunks(tsq_ids, rounds),
+                    _chunks(bare_ids, rounds),
+                    _chunks(marked_ids, rounds),
+                    strict=True,
                 ):
                     tsq_starts += await run_concurrently(tsq_part, tsq_start, k)
                     await self._settled(tsq_queue, workflow_id(domain, tsq_part[-1]))
                     bare_starts += await run_concurrently(bare_part, bare_start, k)
                     await self._settled(bare_queue, bare_part[-1])
+                    marked_starts += await run_concurrently(marked_part, marked_start, k)
+                    await self._settled(bare_queue, marked_part[-1])
                 await self._check_parked(domain, total)
+                # Not measured: the marked ones are only there for their start rate.
+                await run_concurrently(marked_ids, marked_finish, k)
 
                 tsq_bulk, bare_bulk = Rate.empty(), Rate.empty()
                 _say(f"deciding {n} of each, {k} at a time")
@@ -424,6 +464,7 @@ class _Bench:
         for name, rate in (
             ("tsq_start", tsq_starts),
             ("bare_start", bare_starts),
+            ("bare_marked_start", marked_starts),
             ("tsq_decide", tsq_bulk),
             ("bare_decide", bare_bulk),
             ("tsq_single", tsq_single),
@@ -440,6 +481,7 @@ class _Bench:
             single_p50_ms=tsq_single.pct(50),
             single_p99_ms=tsq_single.pct(99),
             bare_start_per_s=bare_starts.per_s,
+            bare_marked_start_per_s=marked_starts.per_s,
             bare_decisions_per_s=bare_bulk.per_s,
             bare_p50_ms=bare_bulk.pct(50),
             bare_p99_ms=bare_bulk.pct(99),
@@ -777,6 +819,9 @@ def _summarise(bench: _Bench, config: BenchConfig, stack: str) -> dict[str, Any]
     decisions, bare_decisions = r["decisions_per_s"], r["bare_decisions_per_s"]
     ratios = {
         "start_vs_bare": _ratio(r["start_per_s"], r["bare_start_per_s"]),
+        # What the search attributes, summary and details cost the server by themselves.
+        "bare_marked_start_vs_bare": _ratio(r["bare_marked_start_per_s"], r["bare_start_per_s"]),
+        "start_vs_bare_marked": _ratio(r["start_per_s"], r["bare_marked_start_per_s"]),
         "decisions_vs_bare": _ratio(decisions, bare_decisions),
         "decision_p50_over_bare_ms": r["decision_p50_ms"] - r["bare_p50_ms"],
         "single_p50_over_bare_ms": r["single_p50_ms"] - r["bare_single_p50_ms"],
@@ -877,6 +922,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [
         ("tsq: move into TSQ + start workflow", "tsq_start"),
         ("bare workflow: start (ceiling)", "bare_start"),
+        ("bare workflow + tsq's search attributes: start", "bare_marked_start"),
         ("tsq: operator_cancel, reply committed", "tsq_decide"),
         ("bare workflow: update-with-start (ceiling)", "bare_decide"),
         ("tsq: operator_cancel, one at a time", "tsq_single"),
@@ -899,7 +945,8 @@ def format_table(result: dict[str, Any]) -> str:
         "tsq latency is the operator_cancel call: it returns after the transaction that wrote "
         "the reply committed.",
         f"decisions/s vs bare: {_num(r['decisions_vs_bare'], 2)}   "
-        f"starts/s vs bare: {_num(r['start_vs_bare'], 2)}   "
+        f"starts/s vs bare: {_num(r['start_vs_bare'], 2)} "
+        f"(bare with tsq's search attributes vs bare: {_num(r['bare_marked_start_vs_bare'], 2)})   "
         f"p50 over bare: {_num(r['decision_p50_over_bare_ms'])} ms "
         f"(one at a time: {_num(r['single_p50_over_bare_ms'])} ms)   "
         f"decisions/s vs direct SQL: {_num(r['decisions_vs_direct_sql'], 3)}",

@@ -113,6 +113,25 @@ def _snapshot(row: asyncpg.Record) -> CommandSnapshot:
     )
 
 
+def start_metadata(snapshot: CommandSnapshot) -> dict[str, Any]:
+    """What a command's workflow is started with besides its id: the search attributes the
+    operators filter on, and the summary and details the Web UI shows."""
+    return {
+        "search_attributes": TypedSearchAttributes(
+            [
+                SearchAttributePair(COMMAND_DOMAIN, snapshot.domain),
+                SearchAttributePair(COMMAND_TYPE, snapshot.command_type),
+                SearchAttributePair(TSQ_STATE, TsqState.AWAITING_OPERATOR.value),
+                SearchAttributePair(
+                    LAST_ERROR_CODE, snapshot.last_error_code or snapshot.last_error_type or ""
+                ),
+            ]
+        ),
+        "static_summary": render_summary(snapshot),
+        "static_details": render_static_details(snapshot),
+    }
+
+
 def _item(row: asyncpg.Record) -> TroubleshootingItem:
     return TroubleshootingItem(
         domain=row["domain"],
@@ -565,18 +584,7 @@ class TroubleshootingClient:
         return {
             "id": workflow_id(snapshot.domain, snapshot.command_id),
             "task_queue": self.task_queue,
-            "search_attributes": TypedSearchAttributes(
-                [
-                    SearchAttributePair(COMMAND_DOMAIN, snapshot.domain),
-                    SearchAttributePair(COMMAND_TYPE, snapshot.command_type),
-                    SearchAttributePair(TSQ_STATE, TsqState.AWAITING_OPERATOR.value),
-                    SearchAttributePair(
-                        LAST_ERROR_CODE, snapshot.last_error_code or snapshot.last_error_type or ""
-                    ),
-                ]
-            ),
-            "static_summary": render_summary(snapshot),
-            "static_details": render_static_details(snapshot),
+            **start_metadata(snapshot),
         }
 
     def _start_operation(self, snapshot: CommandSnapshot) -> WithStartWorkflowOperation[Any, Any]:

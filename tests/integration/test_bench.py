@@ -17,6 +17,7 @@ FIGURES = (
     "decision_p50_ms",
     "decision_p99_ms",
     "bare_start_per_s",
+    "bare_marked_start_per_s",
     "bare_decisions_per_s",
     "bare_p50_ms",
     "direct_sql_per_s",
