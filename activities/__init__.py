@@ -231,9 +231,7 @@ async def _audit(
 
 async def _send(conn: asyncpg.Connection, queue: str, message: dict[str, Any]) -> int:
     """Send to a PGMQ queue, created if missing, and notify its consumers (`tsq.send`)."""
-    msg_id: int = await conn.fetchval(
-        "SELECT tsq.send($1::text, $2::jsonb)", check_queue_name(queue), message
-    )
+    msg_id: int = await conn.fetchval("SELECT tsq.send($1::text, $2::jsonb)", queue, message)
     return msg_id
 
 
@@ -293,7 +291,7 @@ async def _reply(
     reply_queue: str | None = row["reply_queue"] or None
     reply_msg_id: int | None = None
     if reply_queue is not None:
-        _queue_or_refuse(reply_queue, req, "send the reply of")
+        queue = _queue_or_refuse(reply_queue, req, "send the reply of")
         body = reply_body(
             row,
             outcome="CANCELED" if cancel else "SUCCESS",
@@ -301,7 +299,7 @@ async def _reply(
             reason=req.reason if cancel else None,
             result_data=None if cancel else req.result_data,
         )
-        reply_msg_id = await _send(conn, reply_queue, body)
+        reply_msg_id = await _send(conn, queue, body)
     details: dict[str, Any] = {"operator": req.operator}
     if cancel:
         details["reason"] = req.reason

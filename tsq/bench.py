@@ -349,24 +349,20 @@ class _Bench:
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             )
 
-        async def bare_start(wid: str) -> None:
-            await self.temporal.start_workflow(
-                BareWorkflow.run,
-                wid,
-                id=wid,
-                task_queue=bare_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            )
+        def bare_starter(**options: Any) -> Callable[[str], Awaitable[None]]:
+            async def start(wid: str) -> None:
+                await self.temporal.start_workflow(
+                    BareWorkflow.run,
+                    wid,
+                    id=wid,
+                    task_queue=bare_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    **options,
+                )
 
-        async def marked_start(wid: str) -> None:
-            await self.temporal.start_workflow(
-                BareWorkflow.run,
-                wid,
-                id=wid,
-                task_queue=bare_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                **marks,
-            )
+            return start
+
+        bare_start, marked_start = bare_starter(), bare_starter(**marks)
 
         async def marked_finish(wid: str) -> None:
             await self.temporal.get_workflow_handle(wid).terminate(reason="start rate measured")
