@@ -15,9 +15,10 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from tsq.contract import Activity, DecisionKind
 from tsq.db import TSQ_STATUS, check_queue_name
 from tsq.errors import InvalidInputError, PayloadNotFoundError
-from workflows.models import CarryOut, DecisionKind, DecisionOutcome, RecordRefusal
+from tsq.models import CarryOut, DecisionOutcome, RecordRefusal
 
 # A decision that waits longer than this on a row lock fails the attempt and is retried later,
 # instead of holding a connection while another tool keeps the row locked.
@@ -76,7 +77,7 @@ class TroubleshootingActivities:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @activity.defn(name="tsq.carry_out")
+    @activity.defn(name=Activity.CARRY_OUT)
     async def carry_out(self, req: CarryOut) -> DecisionOutcome:
         """Carry out an operator's decision: status, audit row and reply in one transaction."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -120,7 +121,7 @@ class TroubleshootingActivities:
             await _move_batch(conn, req, row)
             return outcome.model_copy(update={"audit_id": audit_id})
 
-    @activity.defn(name="tsq.record_refusal")
+    @activity.defn(name=Activity.RECORD_REFUSAL)
     async def record_refusal(self, req: RecordRefusal) -> None:
         """Write a refused signal to the audit trail, once."""
         async with self._pool.acquire() as conn, conn.transaction():

@@ -24,7 +24,7 @@ from tsq.db import create_pool, migrate
 from tsq.devstack import TemporalDevServer, embedded_postgres, start_temporal
 from tsq.settings import Settings
 from tsq.temporal import connect
-from worker import new_worker
+from tsq.worker import new_worker
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 

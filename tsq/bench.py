@@ -41,16 +41,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities import reply_body
+from tsq.activities import reply_body
 from tsq.bench_workflow import BareWorkflow
 from tsq.client import TroubleshootingClient, start_metadata
+from tsq.contract import workflow_id
 from tsq.db import TSQ_STATUS, create_pool, ensure_queue, migrate
 from tsq.devstack import embedded_postgres, start_temporal
+from tsq.models import CommandSnapshot
 from tsq.settings import Settings
 from tsq.temporal import connect, register_search_attributes
-from worker import new_worker
-from workflows import workflow_id
-from workflows.models import CommandSnapshot
+from tsq.worker import new_worker
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ from tsq.errors import (
 from tsq.render import one_line
 
 if TYPE_CHECKING:
-    from workflows.models import DecisionOutcome
+    from tsq.models import DecisionOutcome
 
 Decide = Callable[[str], Awaitable["DecisionOutcome | None"]]
 """Makes the decision for one command id; None when it was only accepted (no wait)."""

@@ -85,7 +85,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _worker(args: argparse.Namespace, settings: Settings) -> None:
-    from worker import STOP_SIGNALS, run_worker
+    from tsq.worker import STOP_SIGNALS, run_worker
 
     await run_worker(settings, signals=STOP_SIGNALS)
 

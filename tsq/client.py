@@ -27,6 +27,7 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from tsq.contract import DOMAIN_PATTERN, WORKFLOW_TYPE, DecisionKind, TsqState, workflow_id
 from tsq.db import TSQ_STATUS, create_pool
 from tsq.errors import (
     ERROR_TYPES,
@@ -36,29 +37,19 @@ from tsq.errors import (
     InvalidOperationError,
     TroubleshootingError,
 )
-from tsq.settings import Settings
-from tsq.temporal import connect
-from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem
-from workflows import (
-    COMMAND_DOMAIN,
-    COMMAND_TYPE,
-    LAST_ERROR_CODE,
-    TSQ_STATE,
-    WORKFLOW_TYPE,
-    workflow_id,
-)
-from workflows.details import render_static_details, render_summary
-from workflows.models import (
-    DOMAIN_PATTERN,
+from tsq.models import (
     REQUEST_MODELS,
     CommandSnapshot,
-    DecisionKind,
     DecisionOutcome,
     DecisionRequest,
     StateView,
-    TsqState,
     describe_validation_error,
 )
+from tsq.settings import Settings
+from tsq.temporal import connect
+from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem
+from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
+from tsq.workflows.details import render_static_details, render_summary
 
 _TERMINAL = ("COMPLETED", "CANCELED")
 MAX_PAGE = 1000

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from tsq.errors import InvalidInputError
-from workflows.models import QUEUE_NAME_RE
+from tsq.models import QUEUE_NAME_RE
 
 log = logging.getLogger(__name__)
 

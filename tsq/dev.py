@@ -136,7 +136,7 @@ def _data_dir(path: str) -> Path:
 
 
 async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
-    from worker import STOP_SIGNALS, run_worker
+    from tsq.worker import STOP_SIGNALS, run_worker
 
     data_dir = _data_dir(args.data_dir)
     with contextlib.ExitStack() as stack:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflows import SEARCH_ATTRIBUTES
+from tsq.contract import SearchAttribute
 
 
 def temporal_cli() -> str:
@@ -141,8 +141,8 @@ def _start_temporal_once(
     args += ["--headless"] if ui_port is None else ["--ui-port", str(ui_port)]
     if db_file is not None:
         args += ["--db-filename", str(db_file)]
-    for key in SEARCH_ATTRIBUTES:
-        args += ["--search-attribute", f"{key.name}=Keyword"]
+    for name in SearchAttribute:
+        args += ["--search-attribute", f"{name.value}=Keyword"]
     if log_file is None:
         process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from workflows import DEFAULT_TASK_QUEUE
+from tsq.contract import DEFAULT_TASK_QUEUE
+from tsq.errors import InvalidInputError
 
 DEFAULT_TEMPORAL_ADDRESS = "localhost:7233"
 
@@ -38,8 +39,6 @@ class Settings:
 
     def require_database_url(self) -> str:
         if not self.database_url:
-            from tsq.errors import InvalidInputError
-
             raise InvalidInputError(
                 "no database configured: set TSQ_DATABASE_URL (or DATABASE_URL), "
                 "or run `tsq dev` for the embedded stack"

@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 from tsq.errors import ERROR_TYPES
 from tsq.settings import Settings
-from workflows import SEARCH_ATTRIBUTES
+from tsq.workflows import SEARCH_ATTRIBUTES
 
 
 class _OperatorFacingFailures(DefaultFailureConverter):

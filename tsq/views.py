@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from workflows.models import StateView
+from tsq.models import StateView
 
 
 class LastError(BaseModel):

@@ -12,11 +12,11 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities import TroubleshootingActivities
+from tsq.activities import TroubleshootingActivities
 from tsq.db import create_pool
 from tsq.settings import Settings
 from tsq.temporal import connect, register_search_attributes
-from workflows.troubleshooting import TroubleshootingWorkflow
+from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
         # of the worker's CPU, and memory, with thousands waiting. The module holds only
         # constants; the replay tests over stored histories guard its determinism.
         workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows")
+            restrictions=SandboxRestrictions.default.with_passthrough_modules("tsq")
         ),
     )
 

@@ -11,10 +11,11 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from workflows.models import CommandSnapshot, DecisionKind, TsqState
+from tsq.contract import DecisionKind, TsqState
+from tsq.models import CommandSnapshot
 
 if TYPE_CHECKING:
-    from workflows.models import StateView
+    from tsq.models import StateView
 
 EXAMPLES = {
     DecisionKind.CANCEL: {"reason": "Invalid account", "operator": "you@example.com"},

@@ -13,26 +13,24 @@ from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities import TroubleshootingActivities
+    from tsq.contract import WORKFLOW_TYPE, Activity, DecisionKind, TsqState
     from tsq.errors import AlreadyDecidedError, InvalidInputError
-    from workflows import TSQ_STATE, WORKFLOW_TYPE
-    from workflows.details import render_details, steps_of
-    from workflows.models import (
+    from tsq.models import (
         REQUEST_MODELS,
         CancelRequest,
         CarryOut,
         CommandSnapshot,
         CompleteRequest,
-        DecisionKind,
         DecisionOutcome,
         DecisionRequest,
         RecordRefusal,
         RefusedRequest,
         StateView,
-        TsqState,
         describe_input,
         describe_validation_error,
     )
+    from tsq.workflows import TSQ_STATE
+    from tsq.workflows.details import render_details, steps_of
 
 # Each attempt gets this long; attempts go on, with backoff, until the database answers.
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
@@ -155,12 +153,14 @@ class TroubleshootingWorkflow:
             request_id=pending.request_id,
         )
         try:
+            outcome: DecisionOutcome
             try:
-                outcome = await workflow.execute_local_activity_method(
-                    TroubleshootingActivities.carry_out,
+                outcome = await workflow.execute_local_activity(
+                    Activity.CARRY_OUT,
                     carry_out,
                     start_to_close_timeout=ACTIVITY_TIMEOUT,
                     retry_policy=FIRST_ATTEMPT,
+                    result_type=DecisionOutcome,
                 )
             except (ActivityError, ApplicationError) as err:
                 if _refused(err):
@@ -168,11 +168,12 @@ class TroubleshootingWorkflow:
                 # Held up (database away, row locked): the workflow list shows it from now on,
                 # and the attempts go on with backoff until the database takes the decision.
                 self._publish()
-                outcome = await workflow.execute_local_activity_method(
-                    TroubleshootingActivities.carry_out,
+                outcome = await workflow.execute_local_activity(
+                    Activity.CARRY_OUT,
                     carry_out,
                     start_to_close_timeout=ACTIVITY_TIMEOUT,
                     retry_policy=ACTIVITY_RETRY,
+                    result_type=DecisionOutcome,
                 )
         except (ActivityError, ApplicationError) as err:
             # Only non-retryable errors get here: the transaction rolled back, nothing changed.
@@ -345,8 +346,8 @@ class TroubleshootingWorkflow:
         self._refused.append(refusal)
         self._publish()
         info = workflow.info()
-        await workflow.execute_local_activity_method(
-            TroubleshootingActivities.record_refusal,
+        await workflow.execute_local_activity(
+            Activity.RECORD_REFUSAL,
             RecordRefusal(
                 effect_key=f"{info.workflow_id}/{info.run_id}/refused/{len(self._refused)}",
                 workflow_id=info.workflow_id,

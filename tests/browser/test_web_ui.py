@@ -24,8 +24,8 @@ from tests.helpers import (
     status_of,
 )
 from tsq.client import TroubleshootingClient
-from workflows.models import TsqState
-from workflows.troubleshooting import TroubleshootingWorkflow
+from tsq.contract import TsqState
+from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 
 
 def awaiting_query(domain: str) -> str:

@@ -21,8 +21,8 @@ from tsq.cli import entry
 # isort: split
 from temporalio import activity
 
-from activities import TroubleshootingActivities
-from workflows.models import CarryOut, DecisionOutcome
+from tsq.activities import TroubleshootingActivities
+from tsq.models import CarryOut, DecisionOutcome
 
 KILL_AFTER = int(os.environ.get("TSQ_FAULT_KILL_AFTER", "1"))
 KILL_WITHIN = float(os.environ.get("TSQ_FAULT_KILL_WITHIN", "15"))

@@ -21,9 +21,9 @@ from temporalio.client import Client, WorkflowHandle
 from tests.faults.figures import Figures
 from tests.helpers import seed_command
 from tsq.client import TroubleshootingClient
+from tsq.contract import workflow_id
 from tsq.db import ensure_queue
-from workflows import workflow_id
-from workflows.models import DecisionOutcome, StateView
+from tsq.models import DecisionOutcome, StateView
 
 WORKER_ROLE = "tsq_worker"
 # The worker role's password: the secret the suite hunts for in logs, attributes and details.

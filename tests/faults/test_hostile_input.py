@@ -48,7 +48,8 @@ from tests.faults.support import (
 )
 from tests.helpers import assert_eventually, audit_rows, new_domain, seed_command
 from tsq.client import TroubleshootingClient
-from workflows.models import DecisionOutcome, StateView, TsqState
+from tsq.contract import TsqState
+from tsq.models import DecisionOutcome, StateView
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tests.faults.support import (
 )
 from tests.helpers import assert_eventually, new_domain
 from tsq.client import TroubleshootingClient
-from workflows.models import TsqState
+from tsq.contract import TsqState
 
 # How long PostgreSQL stays down: longer than the first few retries of a decision.
 OUTAGE_SECONDS = 3.0

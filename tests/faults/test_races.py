@@ -29,9 +29,9 @@ from tests.faults.support import (
 from tests.helpers import audit_rows, new_domain
 from tsq.client import TroubleshootingClient
 from tsq.errors import ERROR_TYPES, InvalidOperationError
+from tsq.models import DecisionOutcome, StateView
 from tsq.settings import Settings
 from tsq.temporal import connect
-from workflows.models import DecisionOutcome, StateView
 
 COMMANDS = 12
 CLIENTS = 4

@@ -36,7 +36,7 @@ from tests.helpers import new_domain, seed_command
 from tsq.client import TroubleshootingClient
 from tsq.db import migrate
 from tsq.errors import InvalidInputError, InvalidOperationError
-from workflows.models import DecisionOutcome
+from tsq.models import DecisionOutcome
 
 DROP = "x'); DROP TABLE commandbus.audit; DELETE FROM commandbus.command; --"
 TABLES = [

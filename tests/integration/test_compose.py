@@ -19,8 +19,8 @@ import pytest
 # ruamel.yaml comes with check-jsonschema, which the tests need anyway.
 from ruamel.yaml import YAML
 
+from tsq.contract import DEFAULT_TASK_QUEUE
 from tsq.settings import Settings
-from workflows import DEFAULT_TASK_QUEUE
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -28,8 +28,8 @@ from tsq import (
     TroubleshootingClient,
     workflow_id,
 )
-from workflows import TSQ_STATE
-from workflows.models import DecisionOutcome
+from tsq.models import DecisionOutcome
+from tsq.workflows import TSQ_STATE
 
 
 async def _archived(pool: asyncpg.Pool, domain: str, command_id: uuid.UUID) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from tests.helpers import assert_eventually, new_domain, seed_command, status_of
 from tsq import TroubleshootingClient
-from workflows.models import DecisionOutcome
+from tsq.models import DecisionOutcome
 
 HISTORIES = Path(__file__).resolve().parents[1] / "histories"
 UPSERT = EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES

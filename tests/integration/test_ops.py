@@ -15,7 +15,6 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFai
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from activities import TroubleshootingActivities
 from tests.helpers import (
     assert_eventually,
     audit_rows,
@@ -26,9 +25,11 @@ from tests.helpers import (
     status_of,
 )
 from tsq import InvalidInputError, InvalidOperationError, TroubleshootingClient, workflow_id
+from tsq.activities import TroubleshootingActivities
+from tsq.contract import DecisionKind
 from tsq.devstack import TemporalDevServer, temporal_cli
-from workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
-from workflows.models import CarryOut, DecisionKind, DecisionOutcome, StateView
+from tsq.models import CarryOut, DecisionOutcome, StateView
+from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
 
 
 async def _state(temporal: Client, wid: str) -> StateView:
@@ -406,7 +407,7 @@ async def test_activity_retried_after_commit_has_one_effect(
     """A decision whose first attempt committed then failed: one status change, audit, reply."""
     from temporalio.worker import Worker
 
-    from workflows.troubleshooting import TroubleshootingWorkflow
+    from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 
     task_queue = f"tsq-flaky-{uuid.uuid4().hex[:8]}"
     acts = _FailsAfterCommit(pool)

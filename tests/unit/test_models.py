@@ -9,13 +9,11 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from activities import reply_body
+from tsq.activities import reply_body
+from tsq.contract import workflow_id
 from tsq.db import check_queue_name
 from tsq.errors import InvalidInputError
-from tsq.settings import Settings
-from workflows import workflow_id
-from workflows.details import EXAMPLES, render_details, render_static_details, render_summary
-from workflows.models import (
+from tsq.models import (
     CancelRequest,
     CommandSnapshot,
     RefusedRequest,
@@ -23,6 +21,8 @@ from workflows.models import (
     TsqState,
     describe_input,
 )
+from tsq.settings import Settings
+from tsq.workflows.details import EXAMPLES, render_details, render_static_details, render_summary
 
 
 @pytest.mark.parametrize(

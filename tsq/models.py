@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -23,7 +22,8 @@ from pydantic import (
     ValidationError,
 )
 
-DOMAIN_PATTERN = r"^[A-Za-z0-9_]{1,40}$"
+from tsq.contract import DOMAIN_PATTERN, DecisionKind, TsqState
+
 # PGMQ keeps each queue in tables named q_<name> / a_<name>; it refuses names of 48+ characters.
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,46}$")
 
@@ -78,25 +78,6 @@ ResultData = Annotated[dict[str, Any] | None, AfterValidator(_storable_json)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DecisionKind(StrEnum):
-    CANCEL = "cancel"
-    RETRY = "retry"
-    COMPLETE = "complete"
-
-
-class TsqState(StrEnum):
-    """Value of the `TsqState` search attribute and of `state().state`."""
-
-    AWAITING_OPERATOR = "AWAITING_OPERATOR"
-    CANCELING = "CANCELING"
-    CANCELED = "CANCELED"
-    RETRYING = "RETRYING"
-    RETRIED = "RETRIED"
-    COMPLETING = "COMPLETING"
-    COMPLETED = "COMPLETED"
-    DECIDED_ELSEWHERE = "DECIDED_ELSEWHERE"
 
 
 class CommandSnapshot(_Model):

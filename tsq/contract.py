@@ -1,0 +1,168 @@
+"""The contract other tools depend on, in one place, importing nothing but the standard library.
+
+Workflow type, task queue, workflow id format, search attribute names, activity names, the
+statuses and audit events tsq reads and writes, and what each decision does. The workflow, the
+activities, the SDK, the CLI and the docs read these; change them only with care: operators'
+saved queries, other services and waiting workflows depend on them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from uuid import UUID
+
+WORKFLOW_TYPE = "TroubleshootingWorkflow"
+DEFAULT_TASK_QUEUE = "troubleshooting"
+
+DOMAIN_PATTERN = r"^[A-Za-z0-9_]{1,40}$"
+_WORKFLOW_ID = re.compile(r"^tsq:([A-Za-z0-9_]{1,40}):([0-9a-fA-F-]{36})$")
+
+
+def workflow_id(domain: str, command_id: UUID | str) -> str:
+    """`tsq:<domain>:<command_id>`: deterministic, so starting a workflow twice is harmless."""
+    return f"tsq:{domain}:{command_id}"
+
+
+def parse_workflow_id(wid: str) -> tuple[str, UUID] | None:
+    """The domain and command id a workflow id names, or None if it is not a tsq id."""
+    match = _WORKFLOW_ID.fullmatch(wid)
+    if match is None:
+        return None
+    try:
+        return match[1], UUID(match[2])
+    except ValueError:
+        return None
+
+
+class SearchAttribute(StrEnum):
+    """tsq's search attributes; all Keyword, registered by `tsq migrate` and the worker."""
+
+    COMMAND_DOMAIN = "CommandDomain"
+    COMMAND_TYPE = "CommandType"
+    TSQ_STATE = "TsqState"
+    LAST_ERROR_CODE = "LastErrorCode"
+
+
+# The server refuses Keyword values over 2 KB; tsq keeps well under it and marks the cut.
+KEYWORD_LIMIT = 1000
+
+
+class CommandStatus(StrEnum):
+    """`commandbus.command.status`, as the reference command bus writes it."""
+
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    IN_TROUBLESHOOTING_QUEUE = "IN_TROUBLESHOOTING_QUEUE"
+
+
+TERMINAL_STATUSES = (CommandStatus.COMPLETED, CommandStatus.CANCELED)
+
+
+class AuditEventType(StrEnum):
+    """`commandbus.audit.event_type` values tsq writes: the reference library's names for the
+    same events, and tsq's own (prefixed `TSQ_`) for events it has no name for."""
+
+    MOVED_TO_TSQ = "MOVED_TO_TSQ"
+    OPERATOR_CANCEL = "OPERATOR_CANCEL"
+    OPERATOR_RETRY = "OPERATOR_RETRY"
+    OPERATOR_COMPLETE = "OPERATOR_COMPLETE"
+    TSQ_SIGNAL_REFUSED = "TSQ_SIGNAL_REFUSED"
+
+
+class TsqState(StrEnum):
+    """Value of the `TsqState` search attribute and of `state().state`."""
+
+    AWAITING_OPERATOR = "AWAITING_OPERATOR"
+    CANCELING = "CANCELING"
+    CANCELED = "CANCELED"
+    RETRYING = "RETRYING"
+    RETRIED = "RETRIED"
+    COMPLETING = "COMPLETING"
+    COMPLETED = "COMPLETED"
+    DECIDED_ELSEWHERE = "DECIDED_ELSEWHERE"
+
+
+class DecisionKind(StrEnum):
+    CANCEL = "cancel"
+    RETRY = "retry"
+    COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one kind of decision does: the one table the activity, the workflow's details and
+    handler descriptions, the CLI's help, the SDK's docstrings and the README follow."""
+
+    kind: DecisionKind
+    status_after: CommandStatus
+    audit_event: AuditEventType
+    # The outcome in the reply to the sender; None: no reply (the command runs again).
+    reply_outcome: str | None
+    # The reference command bus's batch counter update for this decision.
+    batch_update: str
+    working_state: TsqState
+    done_state: TsqState
+    past: str
+    effect: str
+    example: dict[str, object]
+
+    @property
+    def update(self) -> str:
+        """The update's name; the signal is named `kind`."""
+        return f"operator_{self.kind.value}"
+
+
+_OPERATOR = "you@example.com"
+DECISIONS: dict[DecisionKind, Decision] = {
+    DecisionKind.CANCEL: Decision(
+        kind=DecisionKind.CANCEL,
+        status_after=CommandStatus.CANCELED,
+        audit_event=AuditEventType.OPERATOR_CANCEL,
+        reply_outcome="CANCELED",
+        batch_update="tsq_cancel",
+        working_state=TsqState.CANCELING,
+        done_state=TsqState.CANCELED,
+        past="canceled",
+        effect="status CANCELED, OPERATOR_CANCEL audit, CANCELED reply with the reason",
+        example={"reason": "Invalid account", "operator": _OPERATOR},
+    ),
+    DecisionKind.RETRY: Decision(
+        kind=DecisionKind.RETRY,
+        status_after=CommandStatus.PENDING,
+        audit_event=AuditEventType.OPERATOR_RETRY,
+        reply_outcome=None,
+        batch_update="tsq_retry",
+        working_state=TsqState.RETRYING,
+        done_state=TsqState.RETRIED,
+        past="retried",
+        effect=(
+            "the original message is sent again to the command's queue, status PENDING, "
+            "attempts 0, OPERATOR_RETRY audit; no reply"
+        ),
+        example={"operator": _OPERATOR},
+    ),
+    DecisionKind.COMPLETE: Decision(
+        kind=DecisionKind.COMPLETE,
+        status_after=CommandStatus.COMPLETED,
+        audit_event=AuditEventType.OPERATOR_COMPLETE,
+        reply_outcome="SUCCESS",
+        batch_update="tsq_complete",
+        working_state=TsqState.COMPLETING,
+        done_state=TsqState.COMPLETED,
+        past="completed",
+        effect="status COMPLETED, OPERATOR_COMPLETE audit, SUCCESS reply with result_data",
+        example={"result_data": {"note": "done by hand"}, "operator": _OPERATOR},
+    ),
+}
+
+
+class Activity(StrEnum):
+    """Registered activity names (the workflow calls them by these)."""
+
+    CARRY_OUT = "tsq.carry_out"
+    RECORD_REFUSAL = "tsq.record_refusal"
