@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,11 +40,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from tsq.activities import reply_body
 from tsq.bench_workflow import BareWorkflow
 from tsq.client import TroubleshootingClient, start_metadata
-from tsq.contract import workflow_id
-from tsq.db import TSQ_STATUS, create_pool, ensure_queue, migrate
+from tsq.contract import CommandStatus, workflow_id
+from tsq.db import create_pool, ensure_queue, migrate
 from tsq.devstack import embedded_postgres, start_temporal
 from tsq.models import CommandSnapshot
 from tsq.settings import Settings
@@ -249,7 +247,7 @@ class _Bench:
                 replies,
                 count,
                 parked,
-                TSQ_STATUS,
+                CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
             )
         return [row["command_id"] for row in rows]
 
@@ -496,7 +494,7 @@ class _Bench:
         parked = await self.pool.fetchval(
             "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND status = $2",
             domain,
-            TSQ_STATUS,
+            CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
         )
         running = await _until(
             lambda: self._workflows(f"CommandDomain = '{domain}' AND ExecutionStatus = 'Running'"),
@@ -520,22 +518,24 @@ class _Bench:
             async with sql_pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
                     """
-                    UPDATE commandbus.command SET status = 'CANCELED', updated_at = now()
-                    WHERE domain = $1 AND command_id = $2 AND status = $3
-                    RETURNING domain, command_id, command_type, correlation_id, reply_queue
+                    WITH canceled AS (
+                        UPDATE commandbus.command SET status = 'CANCELED', updated_at = now()
+                        WHERE domain = $1 AND command_id = $2 AND status = $3
+                        RETURNING *
+                    )
+                    SELECT reply_queue, (SELECT * FROM pgmq.send(reply_queue,
+                        tsq.reply_body(canceled::commandbus.command, 'CANCELED', $4, NULL)))
+                        AS msg_id
+                    FROM canceled
                     """,
                     domain,
                     cid,
-                    TSQ_STATUS,
+                    CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
+                    REASON,
                 )
                 if row is None:
                     raise RuntimeError(f"command {cid} was not in the troubleshooting queue")
-                reply_queue = row["reply_queue"]
-                msg_id = await conn.fetchval(
-                    "SELECT * FROM pgmq.send($1::text, $2::jsonb)",
-                    reply_queue,
-                    reply_body(row, outcome="CANCELED", reason=REASON, now=datetime.now(UTC)),
-                )
+                reply_queue, msg_id = row["reply_queue"], row["msg_id"]
                 await conn.execute("SELECT pg_notify($1, '')", f"pgmq_notify_{reply_queue}")
                 await conn.execute(
                     """

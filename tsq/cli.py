@@ -72,8 +72,14 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
     from tsq.db import migrate
     from tsq.temporal import connect, register_search_attributes
 
-    result = await migrate(settings.require_database_url())
-    print(f"database migrated (pgmq: {result['pgmq']})")
+    report = await migrate(settings.require_database_url(), worker_role=args.worker_role)
+    print(
+        "database "
+        + (f"migrated: {', '.join(report.applied)}" if report.applied else "up to date")
+        + f" (pgmq: {report.pgmq})"
+    )
+    if report.worker_role:
+        print(f"granted role {report.worker_role} what the worker, the SDK and the CLI need")
     if args.skip_temporal:
         return
     client = await connect(settings)
@@ -106,10 +112,15 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> None:
     async with await TroubleshootingClient.connect(settings) as client:
         report = await client.sync(args.domain)
     print(
-        f"started {len(report.started)} workflow(s); {len(report.already_running)} already running"
+        f"started {len(report.started)} workflow(s); {len(report.already_running)} already "
+        f"running; {len(report.failed)} could not be started"
     )
     for wid in report.started:
         print(f"  started {wid}")
+    for wid, reason in report.failed:
+        print(f"  not started {wid}: {render.clip(reason, 300)}")
+    if report.failed:
+        raise CommandLineError(f"{len(report.failed)} parked command(s) have no workflow")
 
 
 async def _list(args: argparse.Namespace, settings: Settings) -> None:
@@ -279,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="create the schema, PGMQ and search attributes (idempotent)")
     p.add_argument(
         "--skip-temporal", action="store_true", help="only the database, not search attributes"
+    )
+    p.add_argument(
+        "--worker-role",
+        metavar="ROLE",
+        help="grant this existing role exactly what `tsq worker`, the SDK and the CLI need "
+        "(run as the schema owner)",
     )
     p.set_defaults(run=_migrate)
 

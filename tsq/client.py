@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -15,6 +17,7 @@ from pydantic import ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateStage,
@@ -27,14 +30,26 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from tsq.contract import DOMAIN_PATTERN, WORKFLOW_TYPE, DecisionKind, TsqState, workflow_id
-from tsq.db import TSQ_STATUS, create_pool
+from tsq import store
+from tsq.contract import (
+    DECISIONS,
+    DOMAIN_PATTERN,
+    TERMINAL_STATUSES,
+    WORKFLOW_TYPE,
+    CommandStatus,
+    DecisionKind,
+    TsqState,
+    keyword,
+    workflow_id,
+)
+from tsq.db import create_pool
 from tsq.errors import (
     ERROR_TYPES,
     AlreadyDecidedError,
     CommandNotFoundError,
     InvalidInputError,
     InvalidOperationError,
+    StaleParkingError,
     TroubleshootingError,
 )
 from tsq.models import (
@@ -51,18 +66,26 @@ from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem
 from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
 from tsq.workflows.details import render_static_details, render_summary
 
-_TERMINAL = ("COMPLETED", "CANCELED")
+log = logging.getLogger(__name__)
+
+TSQ = CommandStatus.IN_TROUBLESHOOTING_QUEUE
 MAX_PAGE = 1000
 QUERY_TIMEOUT = timedelta(seconds=10)
 UPDATE_ATTEMPTS = 3
+# How long a call waits for the workflow of an earlier parking of its command to end, before
+# it starts (or reaches) the workflow of the current one.
+EARLIER_RUN_WAIT = 30.0
+MEMO_KEY = "tsq"
 
 
 @dataclass
 class SyncReport:
-    """What `sync` did: workflows it started and ones that were already running."""
+    """What `sync` did: workflows started, ones already running, and commands it could not
+    give a workflow, each with the reason (the others were not held up by them)."""
 
     started: list[str] = field(default_factory=list)
     already_running: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _command_uuid(value: str | UUID) -> UUID:
@@ -86,40 +109,49 @@ def _input_error(err: ValidationError) -> InvalidInputError:
     return InvalidInputError(f"invalid input: {describe_validation_error(err)}")
 
 
-def _snapshot(row: asyncpg.Record) -> CommandSnapshot:
-    return CommandSnapshot(
-        domain=row["domain"],
-        command_id=row["command_id"],
-        command_type=row["command_type"],
-        correlation_id=row["correlation_id"],
-        reply_queue=row["reply_queue"] or "",
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        last_error_type=row["last_error_type"],
-        last_error_code=row["last_error_code"],
-        last_error_msg=row["last_error_msg"],
-        batch_id=row["batch_id"],
-        created_at=row["created_at"],
-        parked_at=row["updated_at"],
-    )
+def snapshot(row: asyncpg.Record) -> CommandSnapshot:
+    """The workflow input for a parked command's row (with its `parking_id`)."""
+    try:
+        return CommandSnapshot(
+            domain=row["domain"],
+            command_id=row["command_id"],
+            command_type=row["command_type"],
+            correlation_id=row["correlation_id"],
+            reply_queue=row["reply_queue"] or "",
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            last_error_type=row["last_error_type"],
+            last_error_code=row["last_error_code"],
+            last_error_msg=row["last_error_msg"],
+            batch_id=row["batch_id"],
+            created_at=row["created_at"],
+            parked_at=row["updated_at"],
+            parking_id=row["parking_id"],
+        )
+    except ValidationError as err:
+        raise InvalidInputError(
+            f"command {row['command_id']} of domain {row['domain']!r} cannot have a workflow: "
+            f"{describe_validation_error(err)}"
+        ) from None
 
 
 def start_metadata(snapshot: CommandSnapshot) -> dict[str, Any]:
     """What a command's workflow is started with besides its id: the search attributes the
-    operators filter on, and the summary and details the Web UI shows."""
+    operators filter on, the summary and details the Web UI shows, and the parking it decides.
+    Values are cut to what the server takes; the full ones stay in PostgreSQL."""
+    error_code = snapshot.last_error_code or snapshot.last_error_type or ""
     return {
         "search_attributes": TypedSearchAttributes(
             [
                 SearchAttributePair(COMMAND_DOMAIN, snapshot.domain),
-                SearchAttributePair(COMMAND_TYPE, snapshot.command_type),
+                SearchAttributePair(COMMAND_TYPE, keyword(snapshot.command_type)),
                 SearchAttributePair(TSQ_STATE, TsqState.AWAITING_OPERATOR.value),
-                SearchAttributePair(
-                    LAST_ERROR_CODE, snapshot.last_error_code or snapshot.last_error_type or ""
-                ),
+                SearchAttributePair(LAST_ERROR_CODE, keyword(error_code)),
             ]
         ),
         "static_summary": render_summary(snapshot),
         "static_details": render_static_details(snapshot),
+        "memo": {MEMO_KEY: {"parking_id": snapshot.parking_id}},
     }
 
 
@@ -149,6 +181,24 @@ def _from_update_failure(err: WorkflowUpdateFailedError) -> TroubleshootingError
     if isinstance(cause, ApplicationError):
         return ERROR_TYPES.get(cause.type or "", InvalidOperationError)(cause.message)
     return InvalidOperationError(str(err.cause or err))
+
+
+def _decision_doc(kind: DecisionKind, returns: str) -> str:
+    """The docstring of a decision call, from the table of what each decision does."""
+    decision = DECISIONS[kind]
+    return (
+        f"{kind.value.capitalize()}: {decision.effect}.\n\n{returns} Raises "
+        "`CommandNotFoundError`, `InvalidOperationError` (not in the troubleshooting queue, "
+        "already decided; `PayloadNotFoundError` when a retry has no original message) or "
+        "`InvalidInputError` (blank reason, bad id, result data PostgreSQL cannot store); in "
+        "every such case nothing changed."
+    )
+
+
+_RETURNS = (
+    "Returns the outcome once status, audit and reply are done; with `wait=False`, returns "
+    "None as soon as the workflow has accepted the decision."
+)
 
 
 class TroubleshootingClient:
@@ -205,13 +255,6 @@ class TroubleshootingClient:
         operator: str | None = None,
         wait: bool = True,
     ) -> DecisionOutcome | None:
-        """Cancel: status CANCELED, OPERATOR_CANCEL audit, CANCELED reply with the reason.
-
-        Returns the outcome once status, audit and reply are done; with `wait=False`, returns
-        None as soon as the workflow has accepted the decision. Raises `CommandNotFoundError`,
-        `InvalidOperationError` (not in the troubleshooting queue, already decided) or
-        `InvalidInputError` (blank reason, bad id); in every such case nothing changed.
-        """
         return await self._decide(
             DecisionKind.CANCEL,
             domain,
@@ -219,6 +262,8 @@ class TroubleshootingClient:
             {"reason": reason, "operator": operator},
             wait=wait,
         )
+
+    operator_cancel.__doc__ = _decision_doc(DecisionKind.CANCEL, _RETURNS)
 
     async def operator_retry(
         self,
@@ -228,14 +273,11 @@ class TroubleshootingClient:
         operator: str | None = None,
         wait: bool = True,
     ) -> DecisionOutcome | None:
-        """Retry: the original message is sent again to its queue; status PENDING, attempts 0.
-
-        Raises like `operator_cancel`, and `InvalidOperationError` when the original message
-        can be found neither in the queue's PGMQ archive nor in `commandbus.payload_archive`.
-        """
         return await self._decide(
             DecisionKind.RETRY, domain, command_id, {"operator": operator}, wait=wait
         )
+
+    operator_retry.__doc__ = _decision_doc(DecisionKind.RETRY, _RETURNS)
 
     async def operator_complete(
         self,
@@ -246,7 +288,6 @@ class TroubleshootingClient:
         operator: str | None = None,
         wait: bool = True,
     ) -> DecisionOutcome | None:
-        """Complete: status COMPLETED, OPERATOR_COMPLETE audit, SUCCESS reply with result_data."""
         return await self._decide(
             DecisionKind.COMPLETE,
             domain,
@@ -254,6 +295,8 @@ class TroubleshootingClient:
             {"result_data": result_data, "operator": operator},
             wait=wait,
         )
+
+    operator_complete.__doc__ = _decision_doc(DecisionKind.COMPLETE, _RETURNS)
 
     async def _decide(
         self,
@@ -265,43 +308,47 @@ class TroubleshootingClient:
         wait: bool,
     ) -> DecisionOutcome | None:
         try:
-            request = REQUEST_MODELS[kind].model_validate(fields)
+            REQUEST_MODELS[kind].model_validate(fields)
         except ValidationError as err:
             raise _input_error(err) from None
         domain, cid = _domain(domain), _command_uuid(command_id)
         # The update's id names this request in the outcome the worker records.
         request_id = str(uuid4())
-        for attempt in range(1, UPDATE_ATTEMPTS + 1):
+        deadline = time.monotonic() + EARLIER_RUN_WAIT
+        attempt = 0
+        while True:
+            attempt += 1
             row = await self._decidable(domain, cid)
+            request = REQUEST_MODELS[kind].model_validate(
+                {**fields, "parking_id": row["parking_id"]}
+            )
             try:
-                return await self._send_update(
-                    kind, request, _snapshot(row), request_id=request_id, wait=wait
+                outcome = await self._send_update(
+                    kind, request, snapshot(row), request_id=request_id, wait=wait
                 )
             except RPCError as err:
                 # The server drops an update when it rejects the workflow task the update was
                 # in (the workflow completed while other messages arrived), even though the
                 # decision in it may have been carried out: look for this request's recorded
                 # outcome, and resend only if there is none.
-                if err.status != RPCStatusCode.FAILED_PRECONDITION or attempt == UPDATE_ATTEMPTS:
+                if err.status != RPCStatusCode.FAILED_PRECONDITION or attempt >= UPDATE_ATTEMPTS:
                     raise
-                recorded = await self._recorded_outcome(domain, cid, request_id)
+                recorded = await store.recorded_outcome(self.pool, domain, cid, request_id)
                 if recorded is not None:
-                    return recorded
-        raise AssertionError("unreachable")
-
-    async def _recorded_outcome(
-        self, domain: str, cid: UUID, request_id: str
-    ) -> DecisionOutcome | None:
-        result = await self.pool.fetchval(
-            """
-            SELECT result FROM tsq.effect
-            WHERE domain = $1 AND command_id = $2 AND result->>'request_id' = $3
-            """,
-            domain,
-            cid,
-            request_id,
-        )
-        return None if result is None else DecisionOutcome.model_validate(result)
+                    return DecisionOutcome.model_validate(recorded)
+                continue
+            except StaleParkingError:
+                # The workflow reached is finishing an earlier parking of this command.
+                if time.monotonic() > deadline:
+                    raise
+                await self._until_closed(workflow_id(domain, cid), deadline)
+                continue
+            if outcome is not None and outcome.command_id not in (None, cid):
+                raise InvalidOperationError(
+                    f"workflow {workflow_id(domain, cid)} answered for command "
+                    f"{outcome.command_id}, not {cid}: it does not name its command"
+                )
+            return outcome
 
     async def _send_update(
         self,
@@ -313,7 +360,7 @@ class TroubleshootingClient:
         wait: bool,
     ) -> DecisionOutcome | None:
         start = self._start_operation(snapshot)
-        update = f"operator_{kind.value}"
+        update = DECISIONS[kind].update
         try:
             if not wait:
                 await self.temporal.start_update_with_start_workflow(
@@ -356,45 +403,41 @@ class TroubleshootingClient:
             raise InvalidInputError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
         if offset < 0:
             raise InvalidInputError(f"offset must not be negative, not {offset}")
-        rows = await self.pool.fetch(
-            """
-            SELECT c.*, COALESCE(
-                tsq.archived_message(c.queue_name, c.msg_id, c.command_id), p.payload_json
-            ) AS payload
-            FROM commandbus.command c
-            LEFT JOIN commandbus.payload_archive p USING (domain, command_id)
-            WHERE c.domain = $1 AND c.status = $2
-              AND ($3::text IS NULL OR c.command_type = $3)
-              AND ($4::text IS NULL OR c.last_error_code = $4)
-              AND ($5::timestamptz IS NULL OR c.updated_at >= $5)
-              AND ($6::timestamptz IS NULL OR c.updated_at < $6)
-            ORDER BY c.updated_at DESC, c.command_id
-            LIMIT $7 OFFSET $8
-            """,
+        rows = await store.waiting(
+            self.pool,
             _domain(domain),
-            TSQ_STATUS,
-            command_type,
-            error_code,
-            since,
-            until,
-            limit,
-            offset,
+            command_type=command_type,
+            error_code=error_code,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
         )
         return [_item(row) for row in rows]
+
+    async def waiting_ids(
+        self,
+        domain: str,
+        *,
+        command_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        error_code: str | None = None,
+    ) -> list[UUID]:
+        """Every waiting command's id that the filters select, read in one snapshot."""
+        return await store.waiting_ids(
+            self.pool,
+            _domain(domain),
+            command_type=command_type,
+            error_code=error_code,
+            since=since,
+            until=until,
+        )
 
     async def get_audit_trail(self, domain: str, command_id: str | UUID) -> list[AuditEvent]:
         """Every audit event of a command, oldest first."""
         domain, cid = _domain(domain), _command_uuid(command_id)
-        await self._command(self.pool, domain, cid)
-        rows = await self.pool.fetch(
-            """
-            SELECT audit_id, event_type, ts, details_json FROM commandbus.audit
-            WHERE domain = $1 AND command_id = $2
-            ORDER BY ts, audit_id
-            """,
-            domain,
-            cid,
-        )
+        await self._command(domain, cid)
         return [
             AuditEvent(
                 audit_id=row["audit_id"],
@@ -402,24 +445,13 @@ class TroubleshootingClient:
                 ts=row["ts"],
                 details=row["details_json"],
             )
-            for row in rows
+            for row in await store.audit_trail(self.pool, domain, cid)
         ]
 
     async def show(self, domain: str, command_id: str | UUID) -> CommandDetails:
         """The command, its original message, its workflow's state and its audit trail."""
         domain, cid = _domain(domain), _command_uuid(command_id)
-        row = await self.pool.fetchrow(
-            """
-            SELECT c.*, COALESCE(
-                tsq.archived_message(c.queue_name, c.msg_id, c.command_id), p.payload_json
-            ) AS payload
-            FROM commandbus.command c
-            LEFT JOIN commandbus.payload_archive p USING (domain, command_id)
-            WHERE c.domain = $1 AND c.command_id = $2
-            """,
-            domain,
-            cid,
-        )
+        row = await store.command_with_payload(self.pool, domain, cid)
         if row is None:
             raise CommandNotFoundError(f"command {cid} not found in domain {domain}")
         wid = workflow_id(domain, cid)
@@ -461,115 +493,151 @@ class TroubleshootingClient:
         `IN_TROUBLESHOOTING_QUEUE` and the last error, archives the command's PGMQ message (kept
         for a later retry), writes the `MOVED_TO_TSQ` audit row and moves the batch counter, in
         one transaction; then starts the workflow. Calling it again for a command already parked
-        changes nothing and only makes sure the workflow runs.
+        changes nothing and only makes sure the workflow runs. Once the transaction committed,
+        the command is parked whatever happens next: a `tsq worker` starts its workflow if
+        this call cannot (Temporal away).
         """
         domain, cid = _domain(domain), _command_uuid(command_id)
-        # One statement, so one round trip and atomic by itself: the guarded status change,
-        # the message archived, the audit row and the batch counter, all or nothing.
-        row = await self.pool.fetchrow(
-            """
-            WITH moved AS (
-                UPDATE commandbus.command
-                SET status = $3, last_error_type = $4, last_error_code = $5,
-                    last_error_msg = $6, updated_at = now()
-                WHERE domain = $1 AND command_id = $2 AND status <> ALL($7::text[])
-                RETURNING *
-            ), archived AS (
-                SELECT pgmq.archive(queue_name, msg_id) FROM moved
-                WHERE msg_id IS NOT NULL AND queue_name <> ''
-            ), audited AS (
-                INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-                SELECT domain, command_id, 'MOVED_TO_TSQ',
-                    jsonb_build_object('msg_id', msg_id, 'attempt', attempts,
-                        'max_attempts', max_attempts, 'error_type', $4::text,
-                        'error_code', $5::text, 'error_msg', $6::text) || $8::jsonb
-                FROM moved
-            ), counted AS (
-                SELECT commandbus.sp_update_batch_counters(domain, batch_id, 'tsq_move')
-                FROM moved WHERE batch_id IS NOT NULL
-            )
-            -- A SELECT in WITH runs only where it is read: these two are read here.
-            SELECT moved.*, (SELECT count(*) FROM archived) AS archived_messages,
-                (SELECT count(*) FROM counted) AS batch_updates
-            FROM moved
-            """,
+        moved = await store.move_to_troubleshooting(
+            self.pool,
             domain,
             cid,
-            TSQ_STATUS,
-            error_type,
-            error_code,
-            error_message,
-            [TSQ_STATUS, *_TERMINAL],
-            details or {},
+            error_type=error_type,
+            error_code=error_code,
+            error_message=error_message,
+            details=details or {},
+            unmovable=[status.value for status in TERMINAL_STATUSES],
         )
-        if row is None:
-            row = await self._command(self.pool, domain, cid)
-            if row["status"] != TSQ_STATUS:
-                raise InvalidOperationError(
-                    f"command {cid} in {domain} is {row['status']}: a finished command "
-                    "cannot be moved to the troubleshooting queue"
-                )
-        return await self._ensure_workflow(_snapshot(row))
+        row = await self._command(domain, cid)
+        if moved is None and row["status"] != TSQ:
+            raise InvalidOperationError(
+                f"command {cid} in {domain} is {row['status']}: a finished command "
+                "cannot be moved to the troubleshooting queue"
+            )
+        try:
+            return await self._ensure_workflow(snapshot(row))
+        except RPCError as err:
+            log.warning(
+                "command %s of %s is parked; its workflow is left to the watcher: %s",
+                cid,
+                domain,
+                err.message,
+            )
+            return workflow_id(domain, cid)
 
     async def start_workflow(self, domain: str, command_id: str | UUID) -> str:
         """Start the workflow of a command already in the troubleshooting queue (idempotent)."""
         row = await self._decidable(_domain(domain), _command_uuid(command_id))
-        return await self._ensure_workflow(_snapshot(row))
+        return await self._ensure_workflow(snapshot(row))
 
     async def sync(self, domain: str | None = None, *, concurrency: int = 20) -> SyncReport:
-        """Start a workflow for every troubleshooting command that has no running one."""
+        """Make sure every parked command (of `domain`, or all) has its workflow running.
+
+        Each command is started on its own: one that cannot have a workflow (a bad row, a
+        refused start) is reported in `failed` and holds up none of the others.
+        """
         if domain is not None:
             _domain(domain)
-        rows = await self.pool.fetch(
-            """
-            SELECT * FROM commandbus.command
-            WHERE status = $1 AND ($2::text IS NULL OR domain = $2)
-            ORDER BY updated_at
-            """,
-            TSQ_STATUS,
-            domain,
-        )
+        rows = await store.open_parkings(self.pool, domain)
         report = SyncReport()
         gate = asyncio.Semaphore(concurrency)
 
         async def one(row: asyncpg.Record) -> None:
-            snapshot = _snapshot(row)
+            wid = f"tsq:{row['domain']}:{row['command_id']}"
             async with gate:
                 try:
-                    await self._start(snapshot, WorkflowIDConflictPolicy.FAIL)
-                except WorkflowAlreadyStartedError:
-                    report.already_running.append(workflow_id(snapshot.domain, snapshot.command_id))
-                else:
-                    report.started.append(workflow_id(snapshot.domain, snapshot.command_id))
+                    started = await self.ensure_started(snapshot(row))
+                except (TroubleshootingError, RPCError) as err:
+                    report.failed.append((wid, str(err)))
+                    return
+            (report.started if started else report.already_running).append(wid)
 
         await asyncio.gather(*(one(row) for row in rows))
         return report
 
+    async def ensure_started(self, snapshot: CommandSnapshot, *, wait: float = 0.0) -> bool:
+        """Make sure the workflow of `snapshot`'s parking runs; True if this call started it.
+
+        A run bound to an earlier parking of the command (still finishing its decision), or
+        one of tsq 0.1, is asked to look at the database; it either binds itself to this
+        parking or ends, and then this parking's workflow is started. Raises
+        `StaleParkingError` if that has not happened within `wait` seconds.
+        """
+        if snapshot.parking_id is None:
+            raise InvalidOperationError(
+                f"command {snapshot.command_id} has no parking: the database needs `tsq migrate`"
+            )
+        deadline = time.monotonic() + wait
+        wid = workflow_id(snapshot.domain, snapshot.command_id)
+        while True:
+            try:
+                await self._start(snapshot, WorkflowIDConflictPolicy.FAIL)
+                return True
+            except WorkflowAlreadyStartedError:
+                pass
+            bound, running = await self._bound_parking(wid)
+            if running and bound == snapshot.parking_id:
+                return False
+            if running:
+                await self._refresh(wid)
+            if time.monotonic() >= deadline:
+                raise StaleParkingError(
+                    f"the workflow {wid} running now is not the one of parking "
+                    f"{snapshot.parking_id}; it has been asked to end, and the watcher starts "
+                    "the right one then"
+                )
+            await asyncio.sleep(0.2)
+
     # -- internals ---------------------------------------------------------------------------
 
-    @staticmethod
-    async def _command(conn: asyncpg.Connection | asyncpg.Pool, domain: str, cid: UUID) -> Any:
-        row = await conn.fetchrow(
-            "SELECT * FROM commandbus.command WHERE domain = $1 AND command_id = $2",
-            domain,
-            cid,
-        )
+    async def _command(self, domain: str, cid: UUID) -> asyncpg.Record:
+        row = await store.command(self.pool, domain, cid)
         if row is None:
             raise CommandNotFoundError(f"command {cid} not found in domain {domain}")
         return row
 
     async def _decidable(self, domain: str, cid: UUID) -> asyncpg.Record:
-        row = await self._command(self.pool, domain, cid)
-        if row["status"] in _TERMINAL:
+        row = await self._command(domain, cid)
+        if row["status"] in TERMINAL_STATUSES:
             raise AlreadyDecidedError(
                 f"command {cid} in {domain} is {row['status']}: it was already decided"
             )
-        if row["status"] != TSQ_STATUS:
+        if row["status"] != TSQ:
             raise InvalidOperationError(
-                f"command {cid} in {domain} is {row['status']}, not {TSQ_STATUS}: "
+                f"command {cid} in {domain} is {row['status']}, not {TSQ.value}: "
                 "only a command in the troubleshooting queue can be decided"
             )
         return row
+
+    async def _bound_parking(self, wid: str) -> tuple[int | None, bool]:
+        """The parking the latest run of `wid` is bound to (None: not known yet) and whether
+        it is running."""
+        try:
+            described = await self.temporal.get_workflow_handle(wid).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None, False
+            raise
+        running = described.status == WorkflowExecutionStatus.RUNNING
+        memo = await described.memo()
+        tsq = memo.get(MEMO_KEY)
+        bound = tsq.get("parking_id") if isinstance(tsq, dict) else None
+        return (bound if isinstance(bound, int) else None), running
+
+    async def _refresh(self, wid: str) -> None:
+        try:
+            await self.temporal.get_workflow_handle(wid).signal("tsq_refresh")
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+
+    async def _until_closed(self, wid: str, deadline: float) -> None:
+        """Until the latest run of `wid` is no longer running, or the deadline."""
+        while time.monotonic() < deadline:
+            _, running = await self._bound_parking(wid)
+            if not running:
+                return
+            await asyncio.sleep(0.2)
 
     def _start_kwargs(self, snapshot: CommandSnapshot) -> dict[str, Any]:
         return {
@@ -599,5 +667,11 @@ class TroubleshootingClient:
         )
 
     async def _ensure_workflow(self, snapshot: CommandSnapshot) -> str:
-        handle = await self._start(snapshot, WorkflowIDConflictPolicy.USE_EXISTING)
-        return handle.id
+        wid = workflow_id(snapshot.domain, snapshot.command_id)
+        try:
+            await self.ensure_started(snapshot, wait=EARLIER_RUN_WAIT)
+        except StaleParkingError as err:
+            # The command is parked; the watcher gives it its workflow once the earlier one
+            # has ended. Nothing the caller could do would be quicker.
+            log.warning("%s", err)
+        return wid

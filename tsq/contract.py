@@ -49,6 +49,14 @@ class SearchAttribute(StrEnum):
 KEYWORD_LIMIT = 1000
 
 
+def keyword(value: str) -> str:
+    """`value` cut to KEYWORD_LIMIT bytes of UTF-8, ending in `…` where cut."""
+    data = value.encode("utf-8", "replace")
+    if len(data) <= KEYWORD_LIMIT:
+        return value
+    return data[: KEYWORD_LIMIT - 3].decode("utf-8", "ignore") + "…"
+
+
 class CommandStatus(StrEnum):
     """`commandbus.command.status`, as the reference command bus writes it."""
 
@@ -166,3 +174,5 @@ class Activity(StrEnum):
 
     CARRY_OUT = "tsq.carry_out"
     RECORD_REFUSAL = "tsq.record_refusal"
+    RECORD_REFUSALS = "tsq.record_refusals"
+    OBSERVE = "tsq.observe"

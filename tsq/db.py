@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
 
 import asyncpg
 
-from tsq.errors import InvalidInputError
+from tsq.errors import InvalidInputError, InvalidOperationError
 from tsq.models import QUEUE_NAME_RE
 
 log = logging.getLogger(__name__)
 
-TSQ_STATUS = "IN_TROUBLESHOOTING_QUEUE"
 # Any number will do as long as it is fixed: concurrent `tsq migrate` runs queue up behind it.
 _MIGRATION_LOCK = 0x7459_5100
 
@@ -53,6 +52,18 @@ def check_queue_name(name: str) -> str:
     return name
 
 
+# Applied in this order, each once, recorded in tsq.migration; never edited once released.
+MIGRATIONS = ("001_commandbus.sql", "002_tsq.sql", "003_parking.sql")
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS tsq;
+CREATE TABLE IF NOT EXISTS tsq.migration (
+    name        TEXT PRIMARY KEY,
+    applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+
+
 def _sql(name: str) -> str:
     return files("tsq").joinpath("sql", name).read_text(encoding="utf-8")
 
@@ -72,24 +83,72 @@ async def _install_pgmq(conn: asyncpg.Connection) -> str:
     return "sql-only"
 
 
-async def migrate(dsn: str) -> dict[str, Any]:
-    """Create what is missing; safe to run any number of times, also concurrently."""
+async def _pending(conn: asyncpg.Connection) -> list[str]:
+    if not await conn.fetchval("SELECT to_regclass('tsq.migration') IS NOT NULL"):
+        return list(MIGRATIONS)
+    applied = {row["name"] for row in await conn.fetch("SELECT name FROM tsq.migration")}
+    return [name for name in MIGRATIONS if name not in applied]
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    """What `migrate` did: migrations applied (none when the database was up to date), how
+    PGMQ is provided, and the role it granted the worker's rights to."""
+
+    applied: list[str]
+    pgmq: str
+    worker_role: str | None = None
+
+
+async def migrate(dsn: str, *, worker_role: str | None = None) -> MigrationReport:
+    """Bring the database up to date; safe to run any number of times, also concurrently.
+
+    It checks before it creates: on an up-to-date database it changes nothing, so the worker
+    role may run it. Applying migrations needs the schema owner, who can also grant a worker
+    role (`worker_role`) exactly what the worker, the SDK and the CLI need.
+    """
     conn = await asyncpg.connect(dsn)
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            pgmq = await _install_pgmq(conn)
-            await conn.execute(_sql("001_commandbus.sql"))
-            await conn.execute(_sql("002_tsq.sql"))
+        pending = await _pending(conn)
+        if not pending and worker_role is None:
+            return MigrationReport([], "present")
+        # A session lock taken before the transaction begins: the transaction then sees what
+        # a migration that ran meanwhile created (a lock taken inside it would leave its
+        # catalog caches as they were when it began).
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        pgmq = "present"
+        try:
+            async with conn.transaction():
+                pending = await _pending(conn)
+                if pending:
+                    await conn.execute(_BOOTSTRAP)
+                    pgmq = await _install_pgmq(conn)
+                for name in pending:
+                    await conn.execute(_sql(name))
+                    await conn.execute("INSERT INTO tsq.migration (name) VALUES ($1)", name)
+                if worker_role is not None:
+                    await conn.execute("SELECT tsq.grant_worker($1)", worker_role)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    except asyncpg.InsufficientPrivilegeError as err:
+        user = await conn.fetchval("SELECT current_user")
+        raise InvalidOperationError(
+            f"role {user} may not change the schema ({err}); "
+            + (
+                f"the database needs {', '.join(pending)}: "
+                if pending
+                else "granting a worker role needs the owner: "
+            )
+            + "run `tsq migrate` as the owner of the commandbus and tsq schemas"
+        ) from None
     finally:
         await conn.close()
-    log.info("database migrated (pgmq: %s)", pgmq)
-    return {"pgmq": pgmq}
+    log.info("database migrated: %s (pgmq: %s)", ", ".join(pending) or "up to date", pgmq)
+    return MigrationReport(pending, pgmq, worker_role)
 
 
 async def ensure_queue(conn: asyncpg.Connection, queue: str) -> None:
-    """Create a PGMQ queue if it does not exist yet (a reply is never dropped for want of one)."""
+    """Create a PGMQ queue unless one of that name (in any letter case) exists."""
     check_queue_name(queue)
-    exists = await conn.fetchval("SELECT 1 FROM pgmq.meta WHERE queue_name = $1", queue)
-    if not exists:
+    if await conn.fetchval("SELECT tsq.queue_named($1)", queue) is None:
         await conn.execute("SELECT pgmq.create($1)", queue)

@@ -14,7 +14,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tsq.client import TroubleshootingClient
-from tsq.db import TSQ_STATUS, create_pool, ensure_queue, migrate
+from tsq.contract import CommandStatus
+from tsq.db import create_pool, ensure_queue, migrate
 from tsq.devstack import embedded_postgres, start_temporal
 from tsq.settings import Settings, redact_url
 from tsq.temporal import connect
@@ -176,7 +177,7 @@ async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
                 ORDER BY updated_at LIMIT 3
                 """,
                 DEMO_DOMAIN,
-                TSQ_STATUS,
+                CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
             )
         finally:
             await pool.close()

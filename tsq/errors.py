@@ -23,6 +23,11 @@ class PayloadNotFoundError(InvalidOperationError):
     """Retry refused: the command's original message is in no archive tsq can read."""
 
 
+class StaleParkingError(InvalidOperationError):
+    """The workflow reached is finishing an earlier parking of the command; its workflow for
+    the current parking follows once it has ended."""
+
+
 class InvalidInputError(TroubleshootingError, ValueError):
     """An argument is malformed (blank reason, id that is not a UUID, bad queue name, ...)."""
 
@@ -40,6 +45,7 @@ ERROR_TYPES: dict[str, type[TroubleshootingError]] = {
         InvalidOperationError,
         AlreadyDecidedError,
         PayloadNotFoundError,
+        StaleParkingError,
         InvalidInputError,
     )
 }

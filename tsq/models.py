@@ -28,10 +28,35 @@ from tsq.contract import DOMAIN_PATTERN, DecisionKind, TsqState
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,46}$")
 
 
-def _storable(text: str) -> str:
+# Deeper JSON than this is refused: PostgreSQL and the converters stop somewhere past it, and
+# no decision needs it.
+MAX_DEPTH = 100
+RESULT_DATA_LIMIT = 64_000
+
+
+def _unstorable(text: str) -> str | None:
+    """Why PostgreSQL cannot store `text`, or None."""
     if "\x00" in text:
-        raise ValueError("must not contain NUL (\\u0000) characters")
+        return "must not contain NUL (\\u0000) characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (it holds a lone surrogate such as \\ud800)"
+    return None
+
+
+def _storable(text: str) -> str:
+    problem = _unstorable(text)
+    if problem:
+        raise ValueError(problem)
     return text
+
+
+def storable_text(text: str) -> str:
+    """`text` with what PostgreSQL cannot store (NUL, lone surrogates) written as escapes."""
+    if _unstorable(text) is None:
+        return text
+    return text.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _no_blank(text: str) -> str:
@@ -49,26 +74,39 @@ Reason = Annotated[
 Operator = Annotated[str, StringConstraints(max_length=200), AfterValidator(_storable)]
 Domain = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
 
-RESULT_DATA_LIMIT = 64_000
 
+def json_problem(value: Any) -> str | None:
+    """Why `value` cannot be stored as jsonb (NUL, lone surrogates, NaN, too deep), or None.
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+    Walks iteratively: a hostile value nested thousands deep must not exhaust the stack.
+    """
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            return f"must not be nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, str):
+            problem = _unstorable(item)
+            if problem:
+                return problem
+        elif isinstance(item, float) and (item != item or item in (float("inf"), float("-inf"))):
+            return "must not contain NaN or Infinity (jsonb has neither)"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                todo.append((key, depth))
+                todo.append((child, depth + 1))
+        elif isinstance(item, list):
+            todo.extend((child, depth + 1) for child in item)
+    return None
 
 
 def _storable_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    if _has_nul(value):
-        raise ValueError("must not contain NUL (\\u0000) characters")
-    text = json.dumps(value, allow_nan=False)  # jsonb has no NaN or Infinity
-    if len(text) > RESULT_DATA_LIMIT:
+    problem = json_problem(value)
+    if problem:
+        raise ValueError(problem)
+    if len(json.dumps(value)) > RESULT_DATA_LIMIT:
         raise ValueError(f"must be at most {RESULT_DATA_LIMIT} characters as JSON")
     return value
 
@@ -80,8 +118,31 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RefusedRequest(_Model):
+    """A signal the workflow could not accept, kept visible in the UI, the query and the audit."""
+
+    handler: str
+    problem: str
+    received: str
+
+
+class Continued(_Model):
+    """What a workflow carries into its next run when its history grows long."""
+
+    refused_count: int = 0
+    refused: list[RefusedRequest] = Field(default_factory=list)
+    failed_count: int = 0
+    failed: list[str] = Field(default_factory=list)
+    runs: int = 1
+
+
 class CommandSnapshot(_Model):
-    """What the workflow knows of its command: given at start, shown in the UI, never re-read."""
+    """The workflow's input: its command as it was parked, and the parking it decides.
+
+    Given at start, shown in the UI, never re-read: what the command is now, the workflow asks
+    the database (`tsq.observe`). `parking_id` is None only for workflows started by tsq 0.1,
+    which are bound to their parking when they first run this version's code.
+    """
 
     domain: Domain
     command_id: UUID
@@ -96,6 +157,14 @@ class CommandSnapshot(_Model):
     batch_id: UUID | None = None
     created_at: datetime | None = None
     parked_at: datetime | None = None
+    parking_id: int | None = None
+    continued: Continued | None = None
+
+
+# Each request may name the parking it was decided for (the SDK and the CLI do): a workflow
+# still finishing an earlier parking of the command refuses it, so the caller can wait for the
+# workflow of the current one.
+ParkingId = Annotated[int | None, Field(default=None, ge=1)]
 
 
 class CancelRequest(_Model):
@@ -103,12 +172,14 @@ class CancelRequest(_Model):
 
     reason: Reason
     operator: Operator | None = None
+    parking_id: ParkingId = None
 
 
 class RetryRequest(_Model):
     """Input of the `retry` signal and the `operator_retry` update."""
 
     operator: Operator | None = None
+    parking_id: ParkingId = None
 
 
 class CompleteRequest(_Model):
@@ -116,6 +187,7 @@ class CompleteRequest(_Model):
 
     result_data: ResultData = None
     operator: Operator | None = None
+    parking_id: ParkingId = None
 
 
 DecisionRequest = CancelRequest | RetryRequest | CompleteRequest
@@ -134,6 +206,8 @@ class CarryOut(_Model):
     domain: Domain
     command_id: UUID
     decision: DecisionKind
+    # None: a decision of a workflow started by tsq 0.1, guarded by the status alone.
+    parking_id: int | None = None
     reason: str | None = None
     operator: str | None = None
     result_data: dict[str, Any] | None = None
@@ -142,9 +216,13 @@ class CarryOut(_Model):
 
 
 class DecisionOutcome(_Model):
-    """What happened to a decision; the workflow's result and the update's answer."""
+    """What happened to a decision; the workflow's result and the update's answer.
 
-    decision: DecisionKind
+    `decision` is None when the command left the troubleshooting queue by another hand while
+    nobody had decided it here (`carried_out` False, status and detail say what happened).
+    """
+
+    decision: DecisionKind | None
     carried_out: bool
     status: str | None = Field(description="Command status after the decision, None if missing")
     operator: str | None = None
@@ -158,24 +236,58 @@ class DecisionOutcome(_Model):
     request_id: str | None = Field(
         default=None, description="The update id (or signal's id) whose decision this was"
     )
-
-
-class RefusedRequest(_Model):
-    """A signal the workflow could not accept, kept visible in the UI, the query and the audit."""
-
-    handler: str
-    problem: str
-    received: str
+    domain: str | None = None
+    command_id: UUID | None = None
+    parking_id: int | None = None
+    changed_at: datetime | None = Field(
+        default=None, description="Decided elsewhere: when the command left the queue"
+    )
 
 
 class RecordRefusal(_Model):
-    """Input of the activity that writes a refused signal to the audit trail."""
+    """Input of the activity that writes a refused signal to the audit trail (tsq 0.1)."""
 
     effect_key: str
     workflow_id: str
     domain: Domain
     command_id: UUID
     refusal: RefusedRequest
+
+
+class RecordRefusals(_Model):
+    """Input of the activity that writes refused signals to the audit trail, numbered from
+    `first` so that a retried batch writes each once."""
+
+    workflow_id: str
+    domain: Domain
+    command_id: UUID
+    parking_id: int | None
+    first: int
+    refusals: list[RefusedRequest]
+
+
+class Observe(_Model):
+    """Input of the activity that reads the command's parking as the database has it now."""
+
+    workflow_id: str
+    domain: Domain
+    command_id: UUID
+    parking_id: int | None
+    parked_at: datetime | None
+
+
+class Observed(_Model):
+    """The parking the workflow is bound to, and whether the command is still in it.
+
+    `parking_id` None: no parking of the command matches the workflow (a workflow of tsq 0.1
+    started for a parking that has ended). `outcome`: a decision tsq recorded for the parking
+    elsewhere than in this workflow (a bulk operation), or what happened when another hand
+    moved the command out.
+    """
+
+    parking_id: int | None
+    open: bool
+    outcome: DecisionOutcome | None = None
 
 
 class StateView(_Model):
@@ -190,13 +302,15 @@ class StateView(_Model):
     requested_at: datetime | None = None
     steps: dict[str, str] = Field(default_factory=dict)
     outcome: DecisionOutcome | None = None
-    refused: list[RefusedRequest] = Field(default_factory=list)
+    refused: list[RefusedRequest] = Field(
+        default_factory=list, description="The latest refused requests (at most a few)"
+    )
+    refused_count: int = Field(default=0, description="Refused requests in all")
 
 
 def describe_input(raw: Any, limit: int = 500) -> str:
     """A short, storable rendering of whatever a caller sent, for refusals."""
-    text = repr(raw)
-    text = text.replace("\x00", "\\x00")
+    text = storable_text(repr(raw))
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 

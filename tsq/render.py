@@ -27,7 +27,7 @@ def item_table(items: Sequence[TroubleshootingItem]) -> str:
                 item.command_type,
                 f"{item.attempts}/{item.max_attempts if item.max_attempts is not None else '-'}",
                 item.last_error.code or item.last_error.type or "",
-                _clip(item.last_error.message, 40),
+                clip(item.last_error.message, 40),
                 _when(item.updated_at),
                 item.reply_to or "",
             ]
@@ -125,7 +125,8 @@ def _when(value: datetime | None, *, precise: bool = False) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z"
 
 
-def _clip(text: str | None, width: int) -> str:
+def clip(text: str | None, width: int) -> str:
+    """One line of at most `width` characters."""
     flat = " ".join((text or "").split())
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -12,11 +11,11 @@ from temporalio.api.operatorservice.v1 import (
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DefaultFailureConverter, PayloadConverter
+from temporalio.converter import DataConverter, DefaultFailureConverter, PayloadConverter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ApplicationError
 
+from tsq.converter import TsqPayloadConverter
 from tsq.errors import ERROR_TYPES
 from tsq.settings import Settings
 from tsq.workflows import SEARCH_ATTRIBUTES
@@ -33,8 +32,8 @@ class _OperatorFacingFailures(DefaultFailureConverter):
             failure.stack_trace = ""
 
 
-DATA_CONVERTER = dataclasses.replace(
-    pydantic_data_converter, failure_converter_class=_OperatorFacingFailures
+DATA_CONVERTER = DataConverter(
+    payload_converter_class=TsqPayloadConverter, failure_converter_class=_OperatorFacingFailures
 )
 
 

@@ -3,54 +3,62 @@
 - summary: one line in the workflow list and on the workflow page;
 - static details: the command's fixed facts, set once at start;
 - current details: where the decision stands and, while waiting, the exact JSON to send.
+
+Every value from the database is cut to a bounded length (marked where cut): the full value
+stays in PostgreSQL, and the server refuses metadata past its limits.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from tsq.contract import DecisionKind, TsqState
+from tsq.contract import DECISIONS, DecisionKind, TsqState
 from tsq.models import CommandSnapshot
 
 if TYPE_CHECKING:
     from tsq.models import StateView
 
-EXAMPLES = {
-    DecisionKind.CANCEL: {"reason": "Invalid account", "operator": "you@example.com"},
-    DecisionKind.RETRY: {"operator": "you@example.com"},
-    DecisionKind.COMPLETE: {"result_data": {"note": "done by hand"}, "operator": "you@example.com"},
-}
+EXAMPLES = {kind: decision.example for kind, decision in DECISIONS.items()}
 # Current details travel in the UI's URLs: keep lists short.
 SHOWN_REFUSALS = 5
+# Longest value shown; the summary has a line of its own.
+VALUE_LIMIT = 300
+SUMMARY_LIMIT = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 def steps_of(kind: DecisionKind, command: CommandSnapshot) -> list[str]:
     """What carrying out `kind` does to `command`, step by step (all in one transaction)."""
-    if kind is DecisionKind.RETRY:
+    decision = DECISIONS[kind]
+    status, event = decision.status_after.value, decision.audit_event.value
+    if decision.reply_outcome is None:
         return [
             f"message re-sent to {command.domain}__commands",
-            "status PENDING, attempts 0",
-            "audit OPERATOR_RETRY",
+            f"status {status}, attempts 0",
+            f"audit {event}",
         ]
-    status, event, outcome = (
-        ("CANCELED", "OPERATOR_CANCEL", "CANCELED")
-        if kind is DecisionKind.CANCEL
-        else ("COMPLETED", "OPERATOR_COMPLETE", "SUCCESS")
-    )
-    reply = command.reply_queue
+    reply = clip(command.reply_queue, 60)
     return [
         f"status {status}",
         f"audit {event}",
-        f"reply {outcome} to {reply}" if reply else "no reply (no reply queue)",
+        f"reply {decision.reply_outcome} to {reply}" if reply else "no reply (no reply queue)",
     ]
 
 
 def render_summary(command: CommandSnapshot) -> str:
     """Single line shown in the workflow list."""
     code = command.last_error_code or command.last_error_type or "error"
-    return f"{command.domain} {command.command_type} {command.command_id} — {code}"
+    line = f"{command.domain} {command.command_type} {command.command_id} — {code}"
+    return clip(" ".join(line.split()), SUMMARY_LIMIT)
 
 
 def _text(value: object) -> str:
@@ -58,7 +66,7 @@ def _text(value: object) -> str:
         return "—"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
-    return str(value).replace("\n", " ")
+    return clip(str(value).replace("\n", " "), VALUE_LIMIT)
 
 
 def _code(value: object) -> str:
@@ -93,7 +101,8 @@ def render_details(
     state: TsqState,
     view: StateView,
     *,
-    failed_attempts: list[str],
+    failed_attempts: Sequence[str],
+    failed_count: int = 0,
 ) -> str:
     """Markdown for "Current details": the state, how to decide, and what the decision did."""
     lines = [
@@ -129,29 +138,33 @@ def render_details(
         if view.reason is not None:
             lines.append(f"- Reason: {_text(view.reason)}")
         if view.result_data is not None:
-            lines.append(f"- Result data: `{json.dumps(view.result_data)}`")
+            lines.append(f"- Result data: `{clip(json.dumps(view.result_data), VALUE_LIMIT)}`")
         lines += [f"- {step}: **{progress}**" for step, progress in view.steps.items()]
-        if view.outcome is not None:
-            lines.append(f"- Outcome: {_text(view.outcome.detail)}")
+    if view.outcome is not None:
+        if view.decision is None:
+            lines.append("### Decided elsewhere")
+        lines += [f"- Outcome: {_text(view.outcome.detail)}", ""]
+    elif view.decision is not None:
         lines.append("")
     if failed_attempts:
         lines.append("### Decisions that could not be carried out (nothing was changed)")
-        lines += _last(failed_attempts)
+        lines += _last(failed_attempts, max(failed_count, len(failed_attempts)))
         lines.append("")
     if view.refused:
         lines.append("### Refused requests (nothing was changed)")
         lines += _last(
             [
-                f"`{r.handler}`: {_text(r.problem)} — received {_code(r.received)}"
+                f"`{_text(r.handler)}`: {_text(r.problem)} — received {_code(r.received)}"
                 for r in view.refused
-            ]
+            ],
+            max(view.refused_count, len(view.refused)),
         )
         lines.append("")
     return "\n".join(lines)
 
 
-def _last(items: list[str]) -> list[str]:
-    shown = [f"- {_text(item)}" for item in items[-SHOWN_REFUSALS:]]
-    if len(items) > SHOWN_REFUSALS:
-        shown.insert(0, f"- … {len(items) - SHOWN_REFUSALS} earlier (see the `state` query)")
+def _last(items: Sequence[str], total: int) -> list[str]:
+    shown = [f"- {item}" for item in items[-SHOWN_REFUSALS:]]
+    if total > len(shown):
+        shown.insert(0, f"- … {total - len(shown)} earlier (see the audit trail)")
     return shown

@@ -1,8 +1,24 @@
-"""`TroubleshootingWorkflow`: waits, durably, for an operator's decision on one command."""
+"""`TroubleshootingWorkflow`: waits, durably, for an operator's decision on one parking.
+
+Versions. Workflows started by tsq 0.1 wait for days on the code that started them, so their
+histories must replay.
+- A workflow whose input names its parking (`parking_id`) was started by this version: its
+  decision is bound to its parking; refused requests are counted, kept few and written to the
+  audit trail in batches; it continues as new before its history grows too long; it follows
+  the database when the command leaves the queue by another hand; Request Cancellation never
+  interrupts a decision. The input tells the versions apart, so a new workflow records no
+  version marker (a patch marker costs each start two more events and a visibility write).
+- A workflow without one (tsq 0.1) replays its history the old way. At its first new event (a
+  signal or update after the upgrade) it takes this version's behaviour behind
+  `workflow.patched("tsq-2-upgrade@<history length>")` and binds itself to its parking; the
+  marker names the history length, so each workflow has its own and finds it when replayed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -10,27 +26,40 @@ from typing import Any
 from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import RawValue, RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from tsq.contract import WORKFLOW_TYPE, Activity, DecisionKind, TsqState
-    from tsq.errors import AlreadyDecidedError, InvalidInputError
+    from tsq.contract import DECISIONS, WORKFLOW_TYPE, Activity, DecisionKind, TsqState, workflow_id
+    from tsq.converter import UndecodableInput
+    from tsq.errors import (
+        AlreadyDecidedError,
+        InvalidInputError,
+        InvalidOperationError,
+        StaleParkingError,
+    )
     from tsq.models import (
         REQUEST_MODELS,
         CancelRequest,
         CarryOut,
         CommandSnapshot,
         CompleteRequest,
+        Continued,
         DecisionOutcome,
         DecisionRequest,
+        Observe,
+        Observed,
         RecordRefusal,
+        RecordRefusals,
         RefusedRequest,
         StateView,
         describe_input,
         describe_validation_error,
+        json_problem,
     )
     from tsq.workflows import TSQ_STATE
-    from tsq.workflows.details import render_details, steps_of
+    from tsq.workflows.details import render_details, render_static_details, steps_of
+
+UPGRADE = "tsq-2-upgrade"
 
 # Each attempt gets this long; attempts go on, with backoff, until the database answers.
 ACTIVITY_TIMEOUT = timedelta(seconds=30)
@@ -50,30 +79,30 @@ ACTIVITY_RETRY = RetryPolicy(
 # is held up before the attempts go on.
 FIRST_ATTEMPT = RetryPolicy(maximum_attempts=1, non_retryable_error_types=_NON_RETRYABLE)
 
-_CANCEL_INPUT = 'Input: {"reason": "why", "operator": "you@example.com"}'
-_RETRY_INPUT = 'Input: {"operator": "you@example.com"}'
-_COMPLETE_INPUT = 'Input: {"result_data": {...} or null, "operator": "you@example.com"}'
+# Refused requests kept in memory (the audit trail has them all) and written per activity.
+KEPT = 5
+REFUSALS_PER_WRITE = 200
+
 _ANSWER = (
     " Answers once it is done; refused, with the reason, if the input is wrong or the "
     "command was already decided."
 )
-_CANCEL = "Cancel: status CANCELED, OPERATOR_CANCEL audit, CANCELED reply with the reason."
-_RETRY = (
-    "Retry: the original message is sent again to <domain>__commands, status PENDING, "
-    "attempts 0, OPERATOR_RETRY audit; no reply."
-)
-_COMPLETE = "Complete: status COMPLETED, OPERATOR_COMPLETE audit, SUCCESS reply with result_data."
-
 _CANCELLATION_REFUSED = (
     "cancelling the workflow does not decide the command; send the `cancel` signal "
     "(or `retry`, `complete`) instead. The workflow keeps waiting"
 )
+_CANCELLATION_DURING_DECISION = (
+    "cancelling the workflow does not stop a decision being carried out: it goes on, and the "
+    "workflow ends with its outcome"
+)
 
-_WORKING = {
-    DecisionKind.CANCEL: (TsqState.CANCELING, TsqState.CANCELED),
-    DecisionKind.RETRY: (TsqState.RETRYING, TsqState.RETRIED),
-    DecisionKind.COMPLETE: (TsqState.COMPLETING, TsqState.COMPLETED),
-}
+
+def _describe(kind: DecisionKind, answer: str = "") -> str:
+    decision = DECISIONS[kind]
+    return (
+        f"{kind.value.capitalize()}: {decision.effect}.{answer} "
+        f"Input: {json.dumps(decision.example)}"
+    )
 
 
 class _Pending:
@@ -97,30 +126,52 @@ class _Pending:
 
 @workflow.defn(name=WORKFLOW_TYPE)
 class TroubleshootingWorkflow:
-    """One per command in the troubleshooting queue; id `tsq:<domain>:<command_id>`."""
+    """One per parking of a command in the troubleshooting queue; id `tsq:<domain>:<id>`."""
 
     @workflow.init
     def __init__(self, command: CommandSnapshot) -> None:
         self._command = command
+        self._v2 = command.parking_id is not None
+        carried = command.continued or Continued()
         self._state = TsqState.AWAITING_OPERATOR
         self._pending: _Pending | None = None
         self._outcome: DecisionOutcome | None = None
-        self._refused: list[RefusedRequest] = []
-        self._failed_attempts: list[str] = []
+        self._refused: deque[RefusedRequest] = deque(carried.refused, maxlen=KEPT)
+        self._refused_count = carried.refused_count
+        self._failed: deque[str] = deque(carried.failed, maxlen=KEPT)
+        self._failed_count = carried.failed_count
+        self._runs = carried.runs
+        # Refusals not yet in the audit trail, and the number of the first of them.
+        self._unwritten: list[RefusedRequest] = []
+        # Asked to read the parking from the database (by the watcher, or after an upgrade).
+        self._observe = False
+        self._details_due = False
+        wid = workflow.info().workflow_id
+        self._mismatch = (
+            None
+            if wid == workflow_id(command.domain, command.command_id)
+            else (
+                f"workflow {wid} does not name its command: its input is command "
+                f"{command.command_id} of domain {command.domain}, whose workflow is "
+                f"{workflow_id(command.domain, command.command_id)}; it decides nothing"
+            )
+        )
 
     @workflow.run
     async def run(self, command: CommandSnapshot) -> DecisionOutcome:
+        if self._v2 and self._mismatch:
+            raise ApplicationError(
+                self._mismatch, type=InvalidInputError.__name__, non_retryable=True
+            )
         self._publish()
         while True:
             try:
-                await workflow.wait_condition(lambda: self._pending is not None)
-                pending = self._pending
-                assert pending is not None
-                outcome = await self._carry_out(pending)
+                outcome = await self._next()
             except asyncio.CancelledError:
                 # "Request Cancellation" is the Web UI's most prominent button, and it is not a
                 # decision: ending here would leave the command parked with no workflow. Keep
-                # waiting and say so. A decision it interrupted runs again: it is idempotent.
+                # waiting and say so.
+                self._take_new_behaviour()
                 await self._refuse(
                     "Request Cancellation", "a workflow cancellation request", _CANCELLATION_REFUSED
                 )
@@ -129,23 +180,92 @@ class TroubleshootingWorkflow:
                 break
         # Signals refused while the decision ran still write their audit rows.
         await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._write_refusals()
         return outcome
 
+    async def _next(self) -> DecisionOutcome | None:
+        """Wait for something to do, do it; the outcome once the workflow is done."""
+        await workflow.wait_condition(self._has_work)
+        if self._observe:
+            self._observe = False
+            outcome = await self._follow_database()
+            if outcome is not None:
+                return outcome
+        if self._unwritten:
+            await self._write_refusals()
+        if self._pending is not None:
+            return await self._carry_out(self._pending)
+        if self._v2 and workflow.info().is_continue_as_new_suggested():
+            await self._continue_as_new()
+        return None
+
+    def _has_work(self) -> bool:
+        if self._pending is not None:
+            return True
+        if not self._v2:
+            return False
+        return (
+            self._observe or bool(self._unwritten) or workflow.info().is_continue_as_new_suggested()
+        )
+
+    # -- following the database -------------------------------------------------------------
+
+    async def _follow_database(self) -> DecisionOutcome | None:
+        """Read the parking; the outcome to end with when the command is no longer in it."""
+        observed: Observed = await self._activity(
+            Activity.OBSERVE,
+            Observe(
+                workflow_id=workflow.info().workflow_id,
+                domain=self._command.domain,
+                command_id=self._command.command_id,
+                parking_id=self._command.parking_id,
+                parked_at=self._command.parked_at,
+            ),
+            ACTIVITY_RETRY,
+            Observed,
+        )
+        if observed.parking_id != self._command.parking_id:
+            self._command = self._command.model_copy(update={"parking_id": observed.parking_id})
+            workflow.upsert_memo({"tsq": {"parking_id": observed.parking_id}})
+        if observed.open or self._pending is not None:
+            # A decision in flight finds out for itself, in its transaction.
+            return None
+        outcome = observed.outcome
+        assert outcome is not None
+        self._outcome = outcome
+        self._state = (
+            DECISIONS[outcome.decision].done_state
+            if outcome.carried_out and outcome.decision is not None
+            else TsqState.DECIDED_ELSEWHERE
+        )
+        self._publish()
+        return outcome
+
+    # -- carrying out a decision ------------------------------------------------------------
+
     async def _carry_out(self, pending: _Pending) -> DecisionOutcome | None:
-        working, done = _WORKING[pending.kind]
-        self._state = working
+        decision = DECISIONS[pending.kind]
+        self._state = decision.working_state
         # The details say CANCELING (or RETRYING, COMPLETING) at once. The TsqState search
         # attribute changes once, to the outcome, when the first attempt succeeds, as nearly
         # all do: each upsert is one more history event and visibility write per decision.
         self._publish(search_attribute=False)
         info = workflow.info()
         request = pending.request
+        parking = self._command.parking_id if self._v2 else None
         carry_out = CarryOut(
-            effect_key=f"{info.workflow_id}/{info.run_id}/decision",
+            # One decision per parking, whatever the run: a reset run finds the record of the
+            # run it was reset from. (Workflows of tsq 0.1 keyed it by their run.)
+            effect_key=(
+                f"{info.workflow_id}/parking/{parking}/decision"
+                if self._v2
+                else f"{info.workflow_id}/{info.run_id}/decision"
+            ),
             workflow_id=info.workflow_id,
             domain=self._command.domain,
             command_id=self._command.command_id,
             decision=pending.kind,
+            parking_id=parking,
             reason=request.reason if isinstance(request, CancelRequest) else None,
             operator=request.operator,
             result_data=(request.result_data if isinstance(request, CompleteRequest) else None),
@@ -155,55 +275,86 @@ class TroubleshootingWorkflow:
         try:
             outcome: DecisionOutcome
             try:
-                outcome = await workflow.execute_local_activity(
-                    Activity.CARRY_OUT,
-                    carry_out,
-                    start_to_close_timeout=ACTIVITY_TIMEOUT,
-                    retry_policy=FIRST_ATTEMPT,
-                    result_type=DecisionOutcome,
-                )
+                outcome = await self._carry_out_activity(carry_out, FIRST_ATTEMPT)
             except (ActivityError, ApplicationError) as err:
                 if _refused(err):
                     raise
                 # Held up (database away, row locked): the workflow list shows it from now on,
                 # and the attempts go on with backoff until the database takes the decision.
                 self._publish()
-                outcome = await workflow.execute_local_activity(
-                    Activity.CARRY_OUT,
-                    carry_out,
-                    start_to_close_timeout=ACTIVITY_TIMEOUT,
-                    retry_policy=ACTIVITY_RETRY,
-                    result_type=DecisionOutcome,
-                )
+                outcome = await self._carry_out_activity(carry_out, ACTIVITY_RETRY)
         except (ActivityError, ApplicationError) as err:
-            # Only non-retryable errors get here: the transaction rolled back, nothing changed.
-            # The command goes back to waiting, and the refusal stays visible. (A local
-            # activity's non-retryable failure arrives as the ApplicationError itself.)
-            cause = err.cause if isinstance(err, ActivityError) else err
-            message = str(cause) if cause is not None else str(err)
-            error_type = cause.type if isinstance(cause, ApplicationError) else None
-            self._failed_attempts.append(f"{pending.kind.value} refused: {message}")
-            pending.error = ApplicationError(message, type=error_type, non_retryable=True)
-            self._pending = None
-            self._state = TsqState.AWAITING_OPERATOR
-            self._publish()
-            return None
+            if _cancelled(err) and (self._take_new_behaviour() or self._v2):
+                # A workflow of tsq 0.1 took its activity's cancellation for a refusal; the
+                # attempt may have committed. Carried on now, the record of it is found.
+                outcome = await self._carry_out_activity(carry_out, ACTIVITY_RETRY)
+            else:
+                # Only non-retryable errors get here: the transaction rolled back, nothing
+                # changed. The command goes back to waiting, and the refusal stays visible.
+                # (A local activity's non-retryable failure arrives as the ApplicationError.)
+                cause = err.cause if isinstance(err, ActivityError) else err
+                message = str(cause) if cause is not None else str(err)
+                error_type = cause.type if isinstance(cause, ApplicationError) else None
+                self._failed.append(f"{pending.kind.value} refused: {message}")
+                self._failed_count += 1
+                pending.error = ApplicationError(message, type=error_type, non_retryable=True)
+                self._pending = None
+                self._state = TsqState.AWAITING_OPERATOR
+                self._publish()
+                return None
         self._outcome = outcome
-        done = _WORKING[outcome.decision][1]
-        self._state = done if outcome.carried_out else TsqState.DECIDED_ELSEWHERE
+        self._state = (
+            DECISIONS[outcome.decision].done_state
+            if outcome.carried_out and outcome.decision is not None
+            else TsqState.DECIDED_ELSEWHERE
+        )
         if outcome.request_id not in (None, pending.request_id):
-            # The server rejected the workflow task in which another request's decision was
-            # carried out (the workflow completed while this request arrived), and dropped
-            # that request's update. The recorded outcome is what happened: this request lost.
+            # The decision of another request was recorded for this parking first: a request
+            # whose update the server dropped with a rejected workflow task, the run this one
+            # was reset from, or a bulk operation. The recorded outcome is what happened.
             await self._lost_to(pending, outcome)
         else:
             pending.outcome = outcome
         self._publish()
         return outcome
 
+    async def _carry_out_activity(self, carry_out: CarryOut, retry: RetryPolicy) -> DecisionOutcome:
+        outcome: DecisionOutcome = await self._activity(
+            Activity.CARRY_OUT, carry_out, retry, DecisionOutcome
+        )
+        return outcome
+
+    async def _activity(
+        self, name: str, arg: Any, retry: RetryPolicy, result_type: type | None = None
+    ) -> Any:
+        """Run a local activity; Request Cancellation cannot interrupt it (tsq 0.1's workflows
+        let it, and took a decision's cancellation for a refusal)."""
+        call = workflow.execute_local_activity(
+            name,
+            arg,
+            start_to_close_timeout=ACTIVITY_TIMEOUT,
+            retry_policy=retry,
+            result_type=result_type,
+        )
+        if not self._v2:
+            return await call
+        task = asyncio.ensure_future(call)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                self._note_refusal(
+                    "Request Cancellation",
+                    "a workflow cancellation request",
+                    _CANCELLATION_DURING_DECISION if self._pending else _CANCELLATION_REFUSED,
+                )
+
     async def _lost_to(self, pending: _Pending, outcome: DecisionOutcome) -> None:
+        kind = outcome.decision.value if outcome.decision else "decided"
         problem = (
-            f"command {self._command.command_id} was already decided: {outcome.decision.value} "
+            f"command {self._command.command_id} was already decided: {kind} "
             f"by {outcome.operator or 'an unnamed operator'}"
         )
         if pending.via == "update":
@@ -213,21 +364,42 @@ class TroubleshootingWorkflow:
         else:
             await self._refuse(pending.kind.value, describe_input(pending.request), problem)
 
+    async def _continue_as_new(self) -> None:
+        """Before the history gets long: a fresh run with the same command, parking, counts
+        and latest refusals. Only between decisions, once every handler has finished."""
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._write_refusals()
+        if self._pending is not None or self._unwritten or self._observe:
+            return  # something arrived meanwhile: do it first
+        workflow.continue_as_new(
+            self._command.model_copy(
+                update={
+                    "continued": Continued(
+                        refused_count=self._refused_count,
+                        refused=list(self._refused),
+                        failed_count=self._failed_count,
+                        failed=list(self._failed),
+                        runs=self._runs + 1,
+                    )
+                }
+            )
+        )
+
     # -- messages: one signal and one update per decision -----------------------------------
 
-    @workflow.signal(name="cancel", description=f"{_CANCEL} {_CANCEL_INPUT}")
+    @workflow.signal(name="cancel", description=_describe(DecisionKind.CANCEL))
     async def cancel(self, raw: Any = None, *extra: Any) -> None:
         await self._on_signal(DecisionKind.CANCEL, raw, extra)
 
-    @workflow.signal(name="retry", description=f"{_RETRY} {_RETRY_INPUT}")
+    @workflow.signal(name="retry", description=_describe(DecisionKind.RETRY))
     async def retry(self, raw: Any = None, *extra: Any) -> None:
         await self._on_signal(DecisionKind.RETRY, raw, extra)
 
-    @workflow.signal(name="complete", description=f"{_COMPLETE} {_COMPLETE_INPUT}")
+    @workflow.signal(name="complete", description=_describe(DecisionKind.COMPLETE))
     async def complete(self, raw: Any = None, *extra: Any) -> None:
         await self._on_signal(DecisionKind.COMPLETE, raw, extra)
 
-    @workflow.update(name="operator_cancel", description=f"{_CANCEL}{_ANSWER} {_CANCEL_INPUT}")
+    @workflow.update(name="operator_cancel", description=_describe(DecisionKind.CANCEL, _ANSWER))
     async def operator_cancel(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
         return await self._on_update(DecisionKind.CANCEL, raw)  # the validator refused `extra`
 
@@ -235,7 +407,7 @@ class TroubleshootingWorkflow:
     def _validate_operator_cancel(self, raw: Any = None, *extra: Any) -> None:
         self._validate(DecisionKind.CANCEL, raw, extra)
 
-    @workflow.update(name="operator_retry", description=f"{_RETRY}{_ANSWER} {_RETRY_INPUT}")
+    @workflow.update(name="operator_retry", description=_describe(DecisionKind.RETRY, _ANSWER))
     async def operator_retry(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
         return await self._on_update(DecisionKind.RETRY, raw)  # the validator refused `extra`
 
@@ -244,7 +416,7 @@ class TroubleshootingWorkflow:
         self._validate(DecisionKind.RETRY, raw, extra)
 
     @workflow.update(
-        name="operator_complete", description=f"{_COMPLETE}{_ANSWER} {_COMPLETE_INPUT}"
+        name="operator_complete", description=_describe(DecisionKind.COMPLETE, _ANSWER)
     )
     async def operator_complete(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
         return await self._on_update(DecisionKind.COMPLETE, raw)  # the validator refused `extra`
@@ -253,9 +425,22 @@ class TroubleshootingWorkflow:
     def _validate_operator_complete(self, raw: Any = None, *extra: Any) -> None:
         self._validate(DecisionKind.COMPLETE, raw, extra)
 
+    @workflow.signal(
+        name="tsq_refresh",
+        description=(
+            "Read the command's status from the database again; sent by tsq's watcher when the "
+            "command leaves the troubleshooting queue by another hand. Harmless by hand."
+        ),
+    )
+    async def tsq_refresh(self, *ignored: Any) -> None:
+        self._take_new_behaviour()
+        if self._v2:
+            self._observe = True
+
     @workflow.signal(dynamic=True, description="Any other signal name is refused, visibly.")
     async def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
         # Without this, a misspelt `cancle` would wait unseen in the worker's buffer forever.
+        self._take_new_behaviour()
         await self._refuse(
             name,
             f"{len(args)} argument(s)",
@@ -270,7 +455,7 @@ class TroubleshootingWorkflow:
         return StateView(
             command=self._command,
             state=self._state,
-            decision=outcome.decision if outcome else pending.kind if pending else None,
+            decision=(outcome.decision if outcome else pending.kind if pending else None),
             decided_by=outcome.operator if outcome else request.operator if request else None,
             reason=outcome.reason
             if outcome
@@ -282,12 +467,25 @@ class TroubleshootingWorkflow:
             steps=self._steps(),
             outcome=self._outcome,
             refused=list(self._refused),
+            refused_count=self._refused_count,
         )
 
     # -- internals ------------------------------------------------------------------------
 
+    def _take_new_behaviour(self) -> bool:
+        """A workflow of tsq 0.1 takes this version's behaviour at a new event (see the module
+        docstring); True when it did just now."""
+        if self._v2:
+            return False
+        if not workflow.patched(f"{UPGRADE}@{workflow.info().get_current_history_length()}"):
+            return False
+        self._v2 = True
+        self._observe = True  # bind it to its parking
+        return True
+
     async def _on_signal(self, kind: DecisionKind, raw: Any, extra: tuple[Any, ...]) -> None:
         # A signal handler never raises: a bad signal is recorded as refused instead.
+        self._take_new_behaviour()
         if extra:
             # The SDK passes every argument sent; a handler that could not take them would
             # fail the workflow task again and again, and the workflow would be stuck.
@@ -297,14 +495,22 @@ class TroubleshootingWorkflow:
                 f"input: one JSON object expected, {1 + len(extra)} arguments received",
             )
             return
+        if isinstance(raw, UndecodableInput) and not self._v2:
+            # tsq 0.1 never saw such a signal (the SDK dropped it): its histories replay so.
+            workflow.logger.warning("signal %s dropped: %s", kind.value, raw.problem)
+            return
         try:
-            request = REQUEST_MODELS[kind].model_validate(raw)
+            request = _validated(kind, raw)
+            self._check_parking(request)
             self._accept(kind, request, via="signal")
-        except (ValidationError, ApplicationError) as err:
-            await self._refuse(kind.value, describe_input(raw), _problem(err))
+        except ApplicationError as err:
+            await self._refuse(kind.value, describe_input(raw), err.message)
 
     async def _on_update(self, kind: DecisionKind, raw: Any) -> DecisionOutcome:
-        pending = self._accept(kind, _validated(kind, raw), via="update")
+        self._take_new_behaviour()
+        request = _validated(kind, raw)
+        self._check_parking(request)
+        pending = self._accept(kind, request, via="update")
         await workflow.wait_condition(lambda: pending.finished)
         if pending.error is not None:
             raise pending.error
@@ -316,20 +522,42 @@ class TroubleshootingWorkflow:
         return pending.outcome
 
     def _validate(self, kind: DecisionKind, raw: Any, extra: tuple[Any, ...]) -> None:
+        if self._mismatch:
+            raise ApplicationError(
+                self._mismatch, type=InvalidOperationError.__name__, non_retryable=True
+            )
         if extra:
             raise ApplicationError(
                 f"invalid input: one JSON object expected, {1 + len(extra)} arguments received",
                 type=InvalidInputError.__name__,
                 non_retryable=True,
             )
-        _validated(kind, raw)
+        self._check_parking(_validated(kind, raw))
         self._check_undecided()
 
+    def _check_parking(self, request: DecisionRequest) -> None:
+        """A caller that names the parking it decided for is refused by a workflow finishing
+        another one (it can wait for this one to end, then reach the right one)."""
+        mine = self._command.parking_id
+        if self._mismatch:
+            raise ApplicationError(
+                self._mismatch, type=InvalidOperationError.__name__, non_retryable=True
+            )
+        if request.parking_id is not None and mine is not None and request.parking_id != mine:
+            raise ApplicationError(
+                f"this workflow run decides parking {mine} of command "
+                f"{self._command.command_id}, not parking {request.parking_id}: it is ending; "
+                "try again in a moment",
+                type=StaleParkingError.__name__,
+                non_retryable=True,
+            )
+
     def _check_undecided(self) -> None:
-        if self._pending is not None:
+        if self._pending is not None or self._outcome is not None:
+            kind = self._pending.kind if self._pending else "a decision"
             raise ApplicationError(
                 f"command {self._command.command_id} already has a decision "
-                f"({self._pending.kind.value}); a second one is refused",
+                f"({kind}); a second one is refused",
                 type=AlreadyDecidedError.__name__,
                 non_retryable=True,
             )
@@ -342,14 +570,15 @@ class TroubleshootingWorkflow:
         return self._pending
 
     async def _refuse(self, handler: str, received: str, problem: str) -> None:
-        refusal = RefusedRequest(handler=handler, problem=problem, received=received)
-        self._refused.append(refusal)
+        refusal = self._note_refusal(handler, received, problem)
+        if self._v2:
+            return
         self._publish()
         info = workflow.info()
         await workflow.execute_local_activity(
             Activity.RECORD_REFUSAL,
             RecordRefusal(
-                effect_key=f"{info.workflow_id}/{info.run_id}/refused/{len(self._refused)}",
+                effect_key=f"{info.workflow_id}/{info.run_id}/refused/{self._refused_count}",
                 workflow_id=info.workflow_id,
                 domain=self._command.domain,
                 command_id=self._command.command_id,
@@ -358,6 +587,38 @@ class TroubleshootingWorkflow:
             start_to_close_timeout=ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
         )
+
+    def _note_refusal(self, handler: str, received: str, problem: str) -> RefusedRequest:
+        refusal = RefusedRequest(handler=handler, problem=problem, received=received)
+        self._refused.append(refusal)
+        self._refused_count += 1
+        if self._v2:
+            # Written by the run loop, in batches: a flood of refusals costs one activity per
+            # batch and stays cheap to handle, whatever its size.
+            self._unwritten.append(refusal)
+            self._publish_soon()
+        return refusal
+
+    async def _write_refusals(self) -> None:
+        while self._unwritten:
+            batch = self._unwritten[:REFUSALS_PER_WRITE]
+            first = self._refused_count - len(self._unwritten) + 1
+            try:
+                await self._activity(
+                    Activity.RECORD_REFUSALS,
+                    RecordRefusals(
+                        workflow_id=workflow.info().workflow_id,
+                        domain=self._command.domain,
+                        command_id=self._command.command_id,
+                        parking_id=self._command.parking_id,
+                        first=first,
+                        refusals=batch,
+                    ),
+                    ACTIVITY_RETRY,
+                )
+            except ActivityError as err:
+                workflow.logger.warning("refusals not written to the audit trail: %s", err)
+            del self._unwritten[: len(batch)]
 
     def _steps(self) -> dict[str, str]:
         if self._pending is None:
@@ -375,22 +636,44 @@ class TroubleshootingWorkflow:
             and workflow.info().typed_search_attributes.get(TSQ_STATE) != self._state.value
         ):
             workflow.upsert_search_attributes([TSQ_STATE.value_set(self._state.value)])
-        workflow.set_current_details(
-            render_details(
-                self._command,
-                self._state,
-                self.state(),
-                failed_attempts=self._failed_attempts,
-            )
+        self._render_details()
+
+    def _publish_soon(self) -> None:
+        """Render the details once, after every handler of this workflow task has run."""
+        if not self._details_due:
+            self._details_due = True
+            asyncio.get_running_loop().call_soon(self._render_details)
+
+    def _render_details(self) -> None:
+        self._details_due = False
+        details = render_details(
+            self._command,
+            self._state,
+            self.state(),
+            failed_attempts=list(self._failed),
+            failed_count=self._failed_count,
         )
+        if self._command.continued is not None:
+            # A continued run has no static details of its own: the command's facts go here.
+            details += "\n### Command\n" + render_static_details(self._command)
+        workflow.set_current_details(details)
 
 
 def _validated(kind: DecisionKind, raw: Any) -> DecisionRequest:
+    if isinstance(raw, UndecodableInput):
+        problem = json_problem(raw.value) if raw.readable else None
+        raise ApplicationError(
+            f"invalid input: {problem or raw.problem}",
+            type=InvalidInputError.__name__,
+            non_retryable=True,
+        )
     try:
         return REQUEST_MODELS[kind].model_validate(raw)
     except ValidationError as err:
         raise ApplicationError(
-            f"invalid input: {_problem(err)}", type=InvalidInputError.__name__, non_retryable=True
+            f"invalid input: {describe_validation_error(err)}",
+            type=InvalidInputError.__name__,
+            non_retryable=True,
         ) from None
 
 
@@ -402,8 +685,8 @@ def _refused(err: ActivityError | ApplicationError) -> bool:
     )
 
 
-def _problem(err: Exception) -> str:
-    return describe_validation_error(err) if isinstance(err, ValidationError) else str(err)
+def _cancelled(err: ActivityError | ApplicationError) -> bool:
+    return isinstance(err, ActivityError) and isinstance(err.cause, CancelledError)
 
 
 __all__ = ["TroubleshootingWorkflow"]

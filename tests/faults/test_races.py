@@ -155,9 +155,9 @@ async def test_concurrent_deciders_carry_out_exactly_one_decision(
                 f"{winner} carried out {won[cid]}"
             )
         expected = delivered - (1 if "-signal-" in winner else 0)
-        if not (len(refused) == len(state.refused) == expected):
+        if not (len(refused) == state.refused_count == expected):
             problems.append(
                 f"{cid}: {delivered} signals delivered, winner {winner}: {len(refused)} refusal "
-                f"audit rows, {len(state.refused)} refusals in the state, expected {expected}"
+                f"audit rows, {state.refused_count} refusals in the state, expected {expected}"
             )
     assert not problems, "\n".join(problems[:20])

@@ -111,6 +111,34 @@ async def test_retry_without_payload_is_refused_and_changes_nothing(
     assert message is not None and message["data"] == {"from": "payload_archive"}
 
 
+async def test_cancel_reply_reads_for_both_kinds_of_consumer(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """Spec 7.2 fields and the reference library's fields carry the same facts."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    correlation_id = await pool.fetchval(
+        "SELECT correlation_id FROM commandbus.command WHERE command_id = $1", command_id
+    )
+    await tsq.operator_cancel(domain, command_id, "Invalid account")
+    [reply] = await replies_for(pool, f"{domain}__replies", command_id)
+    assert reply["command_id"] == str(command_id)
+    assert reply["correlation_id"] == str(correlation_id)
+    assert (reply["domain"], reply["type"]) == (domain, "DebitAccountResponse")
+    assert reply["outcome"] == "CANCELED"
+    assert reply["error"] == {
+        "code": "OPERATOR_CANCEL",
+        "message": "Invalid account",
+        "class": "OperatorCancel",
+    }
+    assert reply["error_code"] == "OPERATOR_CANCEL"
+    assert reply["error_message"] == reply["reason"] == "Invalid account"
+    assert reply["data"] is None and reply["result"] is None
+    completed = datetime.fromisoformat(reply["completed_at"])
+    assert completed.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - completed) < timedelta(minutes=1)
+
+
 async def test_complete_sets_status_and_replies_success_with_data(
     tsq: TroubleshootingClient, pool: asyncpg.Pool
 ) -> None:

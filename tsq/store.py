@@ -1,0 +1,331 @@
+"""Every statement tsq runs against `commandbus.*`, `tsq.*` and PGMQ, by name.
+
+The activities, the SDK, the watcher, `tsq dev` and the benchmark call these; the schema itself
+is in `tsq/sql/`. Parameters are always passed separately, never formatted into the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from tsq.contract import AuditEventType, CommandStatus
+from tsq.models import DecisionOutcome, Observe, Observed
+
+# An asyncpg Connection or Pool (asyncpg ships no type hints).
+Conn = Any
+
+TSQ = CommandStatus.IN_TROUBLESHOOTING_QUEUE.value
+
+
+# -- decisions ------------------------------------------------------------------------------
+
+
+async def decide(conn: Conn, decision: dict[str, Any]) -> dict[str, Any]:
+    """One decision, one transaction (see `tsq.decide` in 003_parking.sql)."""
+    result: dict[str, Any] = await conn.fetchval("SELECT tsq.decide($1::jsonb)", decision)
+    return result
+
+
+async def recorded_outcome(
+    conn: Conn, domain: str, command_id: UUID, request_id: str
+) -> dict[str, Any] | None:
+    """The outcome recorded for the decision a request asked for, if it was carried out."""
+    result: dict[str, Any] | None = await conn.fetchval(
+        """
+        SELECT result FROM tsq.effect
+        WHERE domain = $1 AND command_id = $2 AND result->>'request_id' = $3
+        """,
+        domain,
+        command_id,
+        request_id,
+    )
+    return result
+
+
+async def record_refusals(
+    conn: Conn, domain: str, command_id: UUID, rows: Sequence[tuple[str, dict[str, Any]]]
+) -> None:
+    """A TSQ_SIGNAL_REFUSED audit row per (effect key, details) not recorded before."""
+    await conn.execute(
+        """
+        WITH input AS (
+            SELECT * FROM unnest($3::text[], $4::jsonb[]) WITH ORDINALITY AS t(key, details, n)
+        ), inserted AS (
+            INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+            SELECT key, $1, $2, 'refusal', details FROM input
+            ON CONFLICT (effect_key) DO NOTHING
+            RETURNING effect_key
+        )
+        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+        SELECT $1, $2, $5, input.details FROM input JOIN inserted ON inserted.effect_key = input.key
+        ORDER BY input.n
+        """,
+        domain,
+        command_id,
+        [key for key, _ in rows],
+        [details for _, details in rows],
+        AuditEventType.TSQ_SIGNAL_REFUSED.value,
+    )
+
+
+async def observe(conn: Conn, req: Observe) -> Observed:
+    """The parking a workflow is bound to, as the database has it now.
+
+    A workflow without a parking id (one of tsq 0.1) is bound to the command's first parking
+    that began when its input says the command was parked, or later (a second's leeway for the
+    clocks of the bus and the database): never to a parking begun after its own ended.
+    """
+    row = await conn.fetchrow(
+        """
+        WITH bound AS (
+            SELECT * FROM tsq.parking WHERE parking_id = $3 AND domain = $1 AND command_id = $2
+            UNION ALL
+            (SELECT * FROM tsq.parking
+             WHERE $3::bigint IS NULL AND domain = $1 AND command_id = $2
+               AND parked_at >= $4::timestamptz - interval '1 second'
+             ORDER BY parking_id LIMIT 1)
+        )
+        SELECT b.parking_id, b.left_at, b.left_status, e.result AS recorded,
+            (SELECT status FROM commandbus.command WHERE domain = $1 AND command_id = $2)
+                AS status
+        FROM (SELECT 1) one
+        LEFT JOIN bound b ON true
+        LEFT JOIN tsq.effect e ON e.effect_key = $5 || '/parking/' || b.parking_id || '/decision'
+        """,
+        req.domain,
+        req.command_id,
+        req.parking_id,
+        req.parked_at,
+        req.workflow_id,
+    )
+    assert row is not None
+    if row["parking_id"] is None:
+        return Observed(
+            parking_id=None,
+            open=False,
+            outcome=DecisionOutcome(
+                decision=None,
+                carried_out=False,
+                status=row["status"],
+                domain=req.domain,
+                command_id=req.command_id,
+                detail=(
+                    f"no parking of command {req.command_id} matches this workflow (started "
+                    "for one that has ended); nothing was done here, and the watcher starts "
+                    "a workflow for the command's current parking"
+                ),
+            ),
+        )
+    if row["left_at"] is None:
+        return Observed(parking_id=row["parking_id"], open=True)
+    if row["recorded"] is not None:
+        return Observed(
+            parking_id=row["parking_id"],
+            open=False,
+            outcome=DecisionOutcome.model_validate(row["recorded"]),
+        )
+    left = row["left_status"]
+    return Observed(
+        parking_id=row["parking_id"],
+        open=False,
+        outcome=DecisionOutcome(
+            decision=None,
+            carried_out=False,
+            status=left,
+            domain=req.domain,
+            command_id=req.command_id,
+            parking_id=row["parking_id"],
+            changed_at=row["left_at"],
+            detail=(
+                f"command {req.command_id} left the troubleshooting queue by another hand: "
+                + (f"it is {left}" if left else "its row was deleted")
+                + f" since {row['left_at']:%Y-%m-%d %H:%M:%S %Z}; nothing was done here"
+            ),
+        ),
+    )
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def command(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record | None:
+    """The command row, with its open parking (`parking_id`, NULL when not parked)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        SELECT c.*, p.parking_id FROM commandbus.command c
+        LEFT JOIN tsq.parking p
+            ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+        WHERE c.domain = $1 AND c.command_id = $2
+        """,
+        domain,
+        command_id,
+    )
+    return row
+
+
+async def command_with_payload(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        SELECT c.*, m.message AS payload FROM commandbus.command c
+        LEFT JOIN LATERAL tsq.original_message(c.domain, c.command_id) m ON true
+        WHERE c.domain = $1 AND c.command_id = $2
+        """,
+        domain,
+        command_id,
+    )
+    return row
+
+
+async def waiting(
+    conn: Conn,
+    domain: str,
+    *,
+    command_type: str | None,
+    error_code: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    offset: int,
+) -> list[asyncpg.Record]:
+    """Commands in the troubleshooting queue, newest first, with their original message."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT c.*, m.message AS payload FROM commandbus.command c
+        LEFT JOIN LATERAL tsq.original_message(c.domain, c.command_id) m ON true
+        WHERE c.domain = $1 AND c.status = $2
+          AND ($3::text IS NULL OR c.command_type = $3)
+          AND ($4::text IS NULL OR c.last_error_code = $4)
+          AND ($5::timestamptz IS NULL OR c.updated_at >= $5)
+          AND ($6::timestamptz IS NULL OR c.updated_at < $6)
+        ORDER BY c.updated_at DESC, c.command_id
+        LIMIT $7 OFFSET $8
+        """,
+        domain,
+        TSQ,
+        command_type,
+        error_code,
+        since,
+        until,
+        limit,
+        offset,
+    )
+    return rows
+
+
+async def waiting_ids(
+    conn: Conn,
+    domain: str,
+    *,
+    command_type: str | None,
+    error_code: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[UUID]:
+    """Every matching command id in one snapshot, oldest parked first: a selection that others
+    deciding meanwhile cannot shift."""
+    rows = await conn.fetch(
+        """
+        SELECT command_id FROM commandbus.command
+        WHERE domain = $1 AND status = $2
+          AND ($3::text IS NULL OR command_type = $3)
+          AND ($4::text IS NULL OR last_error_code = $4)
+          AND ($5::timestamptz IS NULL OR updated_at >= $5)
+          AND ($6::timestamptz IS NULL OR updated_at < $6)
+        ORDER BY updated_at, command_id
+        """,
+        domain,
+        TSQ,
+        command_type,
+        error_code,
+        since,
+        until,
+    )
+    return [row["command_id"] for row in rows]
+
+
+async def audit_trail(conn: Conn, domain: str, command_id: UUID) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT audit_id, event_type, ts, details_json FROM commandbus.audit
+        WHERE domain = $1 AND command_id = $2
+        ORDER BY ts, audit_id
+        """,
+        domain,
+        command_id,
+    )
+    return rows
+
+
+async def move_to_troubleshooting(
+    conn: Conn,
+    domain: str,
+    command_id: UUID,
+    *,
+    error_type: str,
+    error_code: str | None,
+    error_message: str | None,
+    details: dict[str, Any],
+    unmovable: Sequence[str],
+) -> asyncpg.Record | None:
+    """Park a command as the bus's worker does, in one statement (so atomic by itself): the
+    guarded status change, the message archived, the audit row and the batch counter. None
+    when the command is already parked, finished, or missing."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        WITH moved AS (
+            UPDATE commandbus.command
+            SET status = $3, last_error_type = $4, last_error_code = $5,
+                last_error_msg = $6, updated_at = now()
+            WHERE domain = $1 AND command_id = $2 AND status <> ALL($7::text[])
+            RETURNING *
+        ), archived AS (
+            SELECT tsq.archive(queue_name, msg_id) FROM moved
+            WHERE msg_id IS NOT NULL AND queue_name <> ''
+        ), audited AS (
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            SELECT domain, command_id, $9,
+                jsonb_build_object('msg_id', msg_id, 'attempt', attempts,
+                    'max_attempts', max_attempts, 'error_type', $4::text,
+                    'error_code', $5::text, 'error_msg', $6::text) || $8::jsonb
+            FROM moved
+        ), counted AS (
+            SELECT commandbus.sp_update_batch_counters(domain, batch_id, 'tsq_move')
+            FROM moved WHERE batch_id IS NOT NULL
+        )
+        -- A SELECT in WITH runs only where it is read: these two are read here.
+        SELECT moved.*, (SELECT count(*) FROM archived) AS archived_messages,
+            (SELECT count(*) FROM counted) AS batch_updates
+        FROM moved
+        """,
+        domain,
+        command_id,
+        TSQ,
+        error_type,
+        error_code,
+        error_message,
+        [TSQ, *unmovable],
+        details,
+        AuditEventType.MOVED_TO_TSQ.value,
+    )
+    return row
+
+
+async def open_parkings(conn: Conn, domain: str | None) -> list[asyncpg.Record]:
+    """Every parked command (of `domain`, or all), with its open parking, oldest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT c.*, p.parking_id, p.problem FROM commandbus.command c
+        LEFT JOIN tsq.parking p
+            ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+        WHERE c.status = $1 AND ($2::text IS NULL OR c.domain = $2)
+        ORDER BY c.updated_at, c.command_id
+        """,
+        TSQ,
+        domain,
+    )
+    return rows
