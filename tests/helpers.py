@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from tsq.db import ensure_queue
+from tsq.db import ensure_queue, migrate
 
 T = TypeVar("T")
 
@@ -20,6 +21,22 @@ def with_database(url: str, name: str) -> str:
     """The same server URL, naming another database (the path is the database)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_url: str, *, migrated: bool = False) -> AsyncIterator[str]:
+    """A new database on the admin URL's server (migrated if asked), dropped afterwards."""
+    name = f"tsq_scratch_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = with_database(admin_url, name)
+        if migrated:
+            await migrate(url)
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 def new_domain() -> str:
@@ -153,3 +170,36 @@ async def assert_eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s; last value: {value!r}")
         await asyncio.sleep(interval)
+
+
+async def park_as_bus(
+    pool: asyncpg.Pool, domain: str, command_id: uuid.UUID, *, error_code: str = "ACCOUNT_CLOSED"
+) -> None:
+    """Park a command the way the reference command bus's worker does: plain SQL, no tsq."""
+    await pool.execute(
+        """
+        UPDATE commandbus.command
+        SET status = 'IN_TROUBLESHOOTING_QUEUE', last_error_type = 'PERMANENT',
+            last_error_code = $3, last_error_msg = 'failed for good', updated_at = now()
+        WHERE domain = $1 AND command_id = $2
+        """,
+        domain,
+        command_id,
+        error_code,
+    )
+
+
+async def decide_as_bus(
+    pool: asyncpg.Pool | asyncpg.Connection, domain: str, command_id: uuid.UUID, status: str
+) -> None:
+    """Change a command's status the way another tool does (the reference library's own
+    operator_cancel, its admin UI): plain SQL, no tsq."""
+    await pool.execute(
+        """
+        UPDATE commandbus.command SET status = $3, updated_at = now()
+        WHERE domain = $1 AND command_id = $2
+        """,
+        domain,
+        command_id,
+        status,
+    )

@@ -572,11 +572,13 @@ class TroubleshootingClient:
         while True:
             try:
                 await self._start(snapshot, WorkflowIDConflictPolicy.FAIL)
+                await store.started(self.pool, snapshot.parking_id)
                 return True
             except WorkflowAlreadyStartedError:
                 pass
             bound, running = await self._bound_parking(wid)
             if running and bound == snapshot.parking_id:
+                await store.started(self.pool, snapshot.parking_id)
                 return False
             if running:
                 await self._refresh(wid)

@@ -329,3 +329,139 @@ async def open_parkings(conn: Conn, domain: str | None) -> list[asyncpg.Record]:
         domain,
     )
     return rows
+
+
+# -- the watcher ----------------------------------------------------------------------------
+
+
+async def claim_parkings(conn: Conn, *, lease_s: float, limit: int) -> list[asyncpg.Record]:
+    """Parkings with work for the watcher, claimed for `lease_s` seconds. Several workers may
+    drain at once: each skips what another holds; a claim that outlives its worker expires."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        UPDATE tsq.parking p
+        SET claimed_until = clock_timestamp() + make_interval(secs => $1),
+            attempts = p.attempts + 1
+        FROM (
+            SELECT parking_id FROM tsq.parking
+            WHERE todo IS NOT NULL
+              AND (claimed_until IS NULL OR claimed_until < clock_timestamp())
+            ORDER BY parking_id
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        ) claimed
+        WHERE p.parking_id = claimed.parking_id
+        RETURNING p.parking_id, p.domain, p.command_id, p.todo, p.todo_seq, p.attempts,
+            p.parked_at, p.left_at
+        """,
+        lease_s,
+        limit,
+    )
+    return rows
+
+
+async def finish_todo(
+    conn: Conn, parking_id: int, todo_seq: int, *, problem: str | None = None
+) -> None:
+    """The claimed work is done (or can never be: `problem` says why); unless the parking
+    changed meanwhile, which left new work."""
+    await conn.execute(
+        """
+        UPDATE tsq.parking SET todo = NULL, claimed_until = NULL, problem = $3
+        WHERE parking_id = $1 AND todo_seq = $2
+        """,
+        parking_id,
+        todo_seq,
+        problem,
+    )
+
+
+async def retry_todo(
+    conn: Conn, parking_id: int, todo_seq: int, *, after_s: float, problem: str
+) -> None:
+    """The claimed work failed for now: try again in `after_s` seconds."""
+    await conn.execute(
+        """
+        UPDATE tsq.parking
+        SET claimed_until = clock_timestamp() + make_interval(secs => $3), problem = $4
+        WHERE parking_id = $1 AND todo_seq = $2
+        """,
+        parking_id,
+        todo_seq,
+        after_s,
+        problem,
+    )
+
+
+async def started(conn: Conn, parking_id: int) -> None:
+    """A caller started (or found) this parking's workflow: the watcher need not."""
+    await conn.execute(
+        "UPDATE tsq.parking SET todo = NULL WHERE parking_id = $1 AND todo = 'start'",
+        parking_id,
+    )
+
+
+async def parking(conn: Conn, parking_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM tsq.parking WHERE parking_id = $1", parking_id
+    )
+    return row
+
+
+async def take_lease(conn: Conn, name: str, holder: str, *, every_s: float) -> bool:
+    """True when `holder` may do the work `name` now: nobody did it in the last `every_s`
+    seconds. The lease then runs for `every_s` seconds."""
+    taken = await conn.fetchval(
+        """
+        INSERT INTO tsq.lease (name, holder, until)
+        VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+        ON CONFLICT (name) DO UPDATE
+        SET holder = excluded.holder, until = excluded.until
+        WHERE tsq.lease.until < clock_timestamp()
+        RETURNING true
+        """,
+        name,
+        holder,
+        every_s,
+    )
+    return bool(taken)
+
+
+async def open_parking_ids(conn: Conn, *, older_than_s: float) -> list[asyncpg.Record]:
+    """Open parkings without pending work, parked at least `older_than_s` seconds ago."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT parking_id, domain, command_id FROM tsq.parking
+        WHERE left_at IS NULL AND todo IS NULL
+          AND parked_at < clock_timestamp() - make_interval(secs => $1)
+        """,
+        older_than_s,
+    )
+    return rows
+
+
+async def rearm(conn: Conn, parking_ids: Sequence[int]) -> None:
+    """Ask the watcher to make sure these parkings' workflows run."""
+    await conn.execute(
+        """
+        UPDATE tsq.parking SET todo = 'start', todo_seq = todo_seq + 1, claimed_until = NULL,
+            attempts = 0
+        WHERE parking_id = ANY($1::bigint[]) AND left_at IS NULL AND todo IS NULL
+        """,
+        list(parking_ids),
+    )
+
+
+async def open_commands(conn: Conn, keys: Sequence[tuple[str, UUID]]) -> set[tuple[str, UUID]]:
+    """Which of these (domain, command id) have an open parking."""
+    rows = await conn.fetch(
+        """
+        SELECT p.domain, p.command_id FROM tsq.parking p
+        JOIN unnest($1::text[], $2::uuid[]) AS k(domain, command_id)
+            ON p.domain = k.domain AND p.command_id = k.command_id
+        WHERE p.left_at IS NULL
+        """,
+        [domain for domain, _ in keys],
+        [cid for _, cid in keys],
+    )
+    return {(row["domain"], row["command_id"]) for row in rows}

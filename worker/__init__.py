@@ -13,9 +13,11 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from tsq.activities import TroubleshootingActivities
+from tsq.client import TroubleshootingClient
 from tsq.db import create_pool
 from tsq.settings import Settings
 from tsq.temporal import connect, register_search_attributes
+from tsq.watch import Watcher, sweep_interval
 from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 
 log = logging.getLogger(__name__)
@@ -41,15 +43,25 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
 async def run_worker(
     settings: Settings, *, stop: asyncio.Event | None = None, signals: Sequence[int] = ()
 ) -> None:
-    """Run until `stop` is set or a signal in `signals` arrives; finish in-flight work; return."""
+    """Run until `stop` is set or a signal in `signals` arrives; finish in-flight work; return.
+
+    Beside the Temporal worker runs the watcher, which gives commands the bus parked their
+    workflows and tells workflows when their command left by another hand (`tsq.watch`).
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     client = await connect(settings)
     await register_search_attributes(client)
-    pool = await create_pool(settings.require_database_url())
+    dsn = settings.require_database_url()
+    pool = await create_pool(dsn)
     try:
+        watcher = Watcher(
+            TroubleshootingClient(client, pool, task_queue=settings.task_queue),
+            dsn,
+            sweep_every=sweep_interval(),
+        )
         worker = new_worker(client, pool, settings.task_queue)
         async with worker:
             log.info(
@@ -58,7 +70,7 @@ async def run_worker(
                 settings.temporal_address,
                 settings.temporal_namespace,
             )
-            await stop.wait()
+            await watcher.run(stop)
             log.info("stopping: finishing in-flight work")
     finally:
         await pool.close()

@@ -151,8 +151,10 @@ async def admin_db_url(postgres: Postgres) -> str:
     admin = await asyncpg.connect(postgres.url("postgres"))
     try:
         for statement in (
+            # The worker role owns nothing and is no superuser: what `tsq migrate
+            # --worker-role` grants it is all the workers have.
             await admin.fetchval(
-                "SELECT format('CREATE ROLE %I LOGIN SUPERUSER PASSWORD %L', $1::text, $2::text)",
+                "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
                 WORKER_ROLE,
                 WORKER_PASSWORD,
             ),
@@ -162,10 +164,20 @@ async def admin_db_url(postgres: Postgres) -> str:
     finally:
         await admin.close()
     url = postgres.url(DATABASE)
-    await migrate(url)
+    await migrate(url, worker_role=WORKER_ROLE)
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(FAULT_HOOKS)
+        await conn.execute(
+            await conn.fetchval(
+                """
+                SELECT format('GRANT USAGE ON SCHEMA faults TO %1$I; '
+                    'GRANT SELECT ON faults.hold TO %1$I; '
+                    'GRANT INSERT ON faults.status_change TO %1$I', $1::text)
+                """,
+                WORKER_ROLE,
+            )
+        )
     finally:
         await conn.close()
     return url

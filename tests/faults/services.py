@@ -127,6 +127,10 @@ class Temporal:
     def stop(self) -> None:
         self.server.stop()
 
+    def start(self) -> None:
+        """Start again after `stop`, on the same port and database file."""
+        self.server = self._start()
+
 
 @dataclass
 class WorkerProcess:

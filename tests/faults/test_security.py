@@ -196,7 +196,9 @@ async def test_audit_table_refuses_update_and_delete(
     )
     conn = await asyncpg.connect(worker_db_url) if role == "worker" else await db.acquire()
     try:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+        # The worker role has no right to change the table; the trigger stops everyone else.
+        refusal = "permission denied" if role == "worker" else "append-only"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=refusal):
             await conn.execute(statement, domain)
     finally:
         if role == "worker":
@@ -209,6 +211,72 @@ async def test_audit_table_refuses_update_and_delete(
     assert [(r["event_type"], r["details_json"]) for r in rows] == [
         ("MOVED_TO_TSQ", {"attempt": 3})
     ]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ALTER TABLE commandbus.audit DISABLE TRIGGER tsq_audit_append_only",
+        "ALTER TABLE commandbus.audit DISABLE TRIGGER ALL",
+        "SET session_replication_role = replica",
+        "TRUNCATE commandbus.audit",
+        "DROP TABLE commandbus.audit",
+        "ALTER TABLE commandbus.audit OWNER TO CURRENT_USER",
+    ],
+    ids=[
+        "disable-guard",
+        "disable-triggers",
+        "replication-role",
+        "truncate",
+        "drop",
+        "own",
+    ],
+)
+async def test_worker_role_cannot_get_round_the_append_only_audit(
+    statement: str, worker_db_url: str, figures: Figures
+) -> None:
+    """The role tsq runs as owns nothing and is no superuser: it cannot switch the guard off,
+    skip triggers, take the table or grant itself more."""
+    figures.fault("privileges: audit tampering tried as the worker role")
+    conn = await asyncpg.connect(worker_db_url)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(statement)
+        assert not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        # Granting itself more only warns that nothing was granted.
+        await conn.execute("GRANT UPDATE, DELETE ON commandbus.audit TO CURRENT_USER")
+        assert not await conn.fetchval(
+            "SELECT has_table_privilege('commandbus.audit', 'UPDATE, DELETE, TRUNCATE')"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_migrate_as_the_worker_role_checks_and_changes_nothing(
+    worker_db_url: str, postgres: Postgres, db: asyncpg.Pool
+) -> None:
+    """`tsq migrate` as the worker role succeeds when nothing is missing (no DDL at all), and
+    says what is missing, and who may add it, when something is."""
+    up_to_date = await migrate(worker_db_url)
+    assert up_to_date.applied == []
+    env = {**os.environ, "TSQ_DATABASE_URL": worker_db_url}
+    done = await asyncio.create_subprocess_exec(
+        *tsq_command(), "migrate", "--skip-temporal", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await done.communicate()
+    assert done.returncode == 0 and "up to date" in out.decode()
+
+    # A database tsq has not migrated yet: the worker role may not create the schema.
+    admin = await asyncpg.connect(postgres.url("postgres"))
+    name = f"tsq_new_{uuid.uuid4().hex[:8]}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        fresh = worker_db_url.rsplit("/", 1)[0] + f"/{name}"
+        with pytest.raises(InvalidOperationError, match="run `tsq migrate` as the owner"):
+            await migrate(fresh)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 async def test_audit_table_refuses_truncate_and_migrations_keep_one_guard(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from tests.helpers import with_database
+from tests.helpers import scratch_database
 from tsq.db import MIGRATIONS, migrate
 
 # The reference command bus's own layout, as it creates it (no tsq objects), with its data.
@@ -44,14 +44,8 @@ CREATE FUNCTION commandbus.sp_tsq_cancel(p_domain TEXT, p_batch_id UUID) RETURNS
 @pytest.fixture
 async def scratch_url(admin_url: str) -> AsyncIterator[str]:
     """A new, empty database, dropped afterwards."""
-    name = f"tsq_scratch_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(admin_url) as url:
+        yield url
 
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:

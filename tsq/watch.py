@@ -1,0 +1,276 @@
+"""The watcher, run by every `tsq worker`: tsq follows the bus without being called.
+
+The trigger on `commandbus.command` writes, in the bus's own transaction, a parking row with
+work for the watcher ("start" its workflow, "tell" its workflow the command left by another
+hand) and notifies `tsq_parking`. The watcher listens, and also polls every few seconds (a
+notification is lost when no worker listens), and drains that work: each worker claims rows
+with `FOR UPDATE SKIP LOCKED` for a short lease, so several drain at once and a claim that
+outlives its worker (SIGKILL) is picked up by another. Every start is idempotent; a start or a
+signal Temporal refuses (it is down) is tried again later, with backoff: the rows keep the work.
+
+A sweep, run by one worker at a time every `TSQ_SWEEP_INTERVAL`, catches what the rows cannot
+show: a workflow terminated by hand (its parking gets a new one), or a running workflow whose
+command is no longer parked (it is asked to look at the database, and ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from temporalio.exceptions import TemporalError
+from temporalio.service import RPCError, RPCStatusCode
+
+from tsq import store
+from tsq.client import TroubleshootingClient, snapshot
+from tsq.contract import WORKFLOW_TYPE, CommandStatus, parse_workflow_id, workflow_id
+from tsq.errors import InvalidInputError, StaleParkingError
+from tsq.render import one_line
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "tsq_parking"
+# Without a notification (none listened, or it was lost) the rows are read this often.
+POLL_S = 2.0
+# How long a worker holds claimed rows; another takes them over after that.
+LEASE_S = 15.0
+BATCH = 200
+CONCURRENCY = 32
+# A parking younger than this may not show in Temporal's list yet: the sweep leaves it be.
+SWEEP_GRACE_S = 30.0
+DEFAULT_SWEEP_S = 300.0
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+_TEMPORAL_ERRORS = (RPCError, TemporalError, OSError, TimeoutError, RuntimeError)
+
+
+def sweep_interval(env: dict[str, str] | None = None) -> float:
+    """`TSQ_SWEEP_INTERVAL` in seconds (default 300)."""
+    text = (env if env is not None else os.environ).get("TSQ_SWEEP_INTERVAL")
+    if not text:
+        return DEFAULT_SWEEP_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInputError(f"TSQ_SWEEP_INTERVAL {text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise InvalidInputError(f"TSQ_SWEEP_INTERVAL must be above 0, not {text}")
+    return value
+
+
+def _backoff(attempts: int) -> float:
+    return float(min(60.0, 0.5 * 2 ** min(attempts, 8)))
+
+
+@dataclass
+class SweepReport:
+    rearmed: int = 0
+    told: list[str] = field(default_factory=list)
+
+
+class Watcher:
+    """Drains the parking rows and sweeps, until `stop` is set (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: TroubleshootingClient,
+        dsn: str,
+        *,
+        sweep_every: float = DEFAULT_SWEEP_S,
+        sweep_grace: float = SWEEP_GRACE_S,
+        on_skipped: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.pool = client.pool
+        self.dsn = dsn
+        self.sweep_every = sweep_every
+        self.sweep_grace = sweep_grace
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._wake = asyncio.Event()
+        self._gate = asyncio.Semaphore(CONCURRENCY)
+        self._on_skipped = on_skipped
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._listen(stop), name="tsq listen"),
+            asyncio.create_task(self._drain_loop(stop), name="tsq drain"),
+            asyncio.create_task(self._sweep_loop(stop), name="tsq sweep"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- notifications ----------------------------------------------------------------------
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=10)
+                try:
+                    await conn.add_listener(CHANNEL, self._notified)
+                    failures = 0
+                    self._wake.set()  # whatever arrived while nobody listened
+                    while not stop.is_set():
+                        await _sleep(stop, POLL_S * 5)
+                        await conn.execute("SELECT 1")  # notices a connection that died
+                finally:
+                    with contextlib.suppress(*_DATABASE_ERRORS):
+                        await conn.close(timeout=5)
+            except _DATABASE_ERRORS as err:
+                failures += 1
+                log.warning("watcher: listening for parkings failed (%s); retrying", one_line(err))
+                await _sleep(stop, _backoff(failures))
+
+    def _notified(self, *_: Any) -> None:
+        self._wake.set()
+
+    # -- draining ---------------------------------------------------------------------------
+
+    async def _drain_loop(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                claimed = await self.drain()
+                failures = 0
+            except _DATABASE_ERRORS as err:
+                failures += 1
+                log.warning("watcher: reading parkings failed (%s); retrying", one_line(err))
+                await _sleep(stop, _backoff(failures))
+                continue
+            if claimed < BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    async def drain(self) -> int:
+        """Claim a batch of parkings with work and do it; returns how many were claimed."""
+        rows = await store.claim_parkings(self.pool, lease_s=LEASE_S, limit=BATCH)
+        await asyncio.gather(*(self._guarded(self._work, row) for row in rows))
+        return len(rows)
+
+    async def _guarded(self, work: Callable[[Any], Awaitable[None]], row: Any) -> None:
+        async with self._gate:
+            try:
+                await work(row)
+            except _DATABASE_ERRORS as err:
+                # The claim expires and the row is taken again.
+                log.warning("watcher: parking %s: %s", row["parking_id"], one_line(err))
+
+    async def _work(self, row: asyncpg.Record) -> None:
+        pid, seq = row["parking_id"], row["todo_seq"]
+        wid = workflow_id(row["domain"], row["command_id"])
+        try:
+            if row["todo"] == "tell":
+                await self._tell(wid)
+            else:
+                await self._start(row)
+        except StaleParkingError as err:
+            # The earlier run was asked to end; its successor starts once it has.
+            await store.retry_todo(self.pool, pid, seq, after_s=1.0, problem=str(err))
+            return
+        except InvalidInputError as err:
+            problem = f"skipped: {err}"
+            log.warning("watcher: %s", problem)
+            if self._on_skipped:
+                self._on_skipped(row["domain"])
+            await store.finish_todo(self.pool, pid, seq, problem=problem)
+            return
+        except _TEMPORAL_ERRORS as err:
+            after = _backoff(row["attempts"])
+            log.warning("watcher: %s: %s; again in %.0fs", wid, one_line(err), after)
+            await store.retry_todo(self.pool, pid, seq, after_s=after, problem=one_line(err))
+            return
+        await store.finish_todo(self.pool, pid, seq)
+
+    async def _start(self, parking: asyncpg.Record) -> None:
+        row = await store.command(self.pool, parking["domain"], parking["command_id"])
+        if (
+            row is None
+            or row["status"] != CommandStatus.IN_TROUBLESHOOTING_QUEUE
+            or row["parking_id"] != parking["parking_id"]
+        ):
+            return  # it left already; its "tell" follows when it matters
+        started = await self.client.ensure_started(snapshot(row))
+        if started:
+            now = await store.parking(self.pool, parking["parking_id"])
+            if now is not None and now["left_at"] is not None:
+                # Decided while this start was on its way: the new run must look.
+                await self._tell(workflow_id(row["domain"], row["command_id"]))
+
+    async def _tell(self, wid: str) -> None:
+        try:
+            await self.client.temporal.get_workflow_handle(wid).signal("tsq_refresh")
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+
+    # -- sweeping ---------------------------------------------------------------------------
+
+    async def _sweep_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if await store.take_lease(
+                    self.pool, "sweep", self.holder, every_s=self.sweep_every
+                ):
+                    report = await self.sweep()
+                    if report.rearmed or report.told:
+                        log.info(
+                            "watcher sweep: %d parking(s) without their workflow, %d workflow(s) "
+                            "of commands no longer parked",
+                            report.rearmed,
+                            len(report.told),
+                        )
+                        self._wake.set()
+            except (*_DATABASE_ERRORS, *_TEMPORAL_ERRORS) as err:
+                log.warning("watcher: sweep failed (%s); retrying", one_line(err))
+            await _sleep(stop, min(self.sweep_every, 30.0))
+
+    async def sweep(self) -> SweepReport:
+        """Parkings whose workflow is not running get their work back; running workflows of
+        commands no longer parked are told to look."""
+        task_queue = self.client.task_queue.replace("\\", "\\\\").replace('"', '\\"')
+        query = (
+            f'WorkflowType = "{WORKFLOW_TYPE}" AND ExecutionStatus = "Running" '
+            f'AND TaskQueue = "{task_queue}"'
+        )
+        running: dict[str, int | None] = {}
+        async for execution in self.client.temporal.list_workflows(query, page_size=1000):
+            memo = await execution.memo()
+            tsq = memo.get("tsq")
+            bound = tsq.get("parking_id") if isinstance(tsq, dict) else None
+            running[execution.id] = bound if isinstance(bound, int) else None
+        report = SweepReport()
+        parkings = await store.open_parking_ids(self.pool, older_than_s=self.sweep_grace)
+        lost = [
+            p["parking_id"]
+            for p in parkings
+            if running.get(workflow_id(p["domain"], p["command_id"]), -1) != p["parking_id"]
+        ]
+        if lost:
+            await store.rearm(self.pool, lost)
+            report.rearmed = len(lost)
+        named = {wid: key for wid in running if (key := parse_workflow_id(wid)) is not None}
+        parked = await store.open_commands(self.pool, list(named.values()))
+        report.told = [wid for wid, key in named.items() if key not in parked]
+        await asyncio.gather(*(self._guarded_tell(wid) for wid in report.told))
+        return report
+
+    async def _guarded_tell(self, wid: str) -> None:
+        async with self._gate:
+            with contextlib.suppress(*_TEMPORAL_ERRORS):
+                await self._tell(wid)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
