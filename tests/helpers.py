@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from tsq.db import ensure_queue, migrate
+from tsq.devstack import TemporalDevServer, temporal_cli
 
 T = TypeVar("T")
 
@@ -202,4 +204,15 @@ async def decide_as_bus(
         domain,
         command_id,
         status,
+    )
+
+
+def run_temporal_cli(server: TemporalDevServer, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `temporal` CLI, as an operator would, against the session's server."""
+    return subprocess.run(
+        [temporal_cli(), *args, "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )

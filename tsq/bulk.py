@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
 import uuid
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, TypedDict
 import asyncpg
 from temporalio.exceptions import TemporalError
 
-from tsq.client import MAX_PAGE, TroubleshootingClient
+from tsq.client import TroubleshootingClient
 from tsq.errors import (
     AlreadyDecidedError,
     CommandLineError,
@@ -54,6 +56,8 @@ _LABELS = {
     "not_found": "refused: not found",
     "invalid": "refused: invalid",
     "error": "failed",
+    "not_started": "not started (interrupted)",
+    "unknown": "interrupted in flight: outcome unknown (see `tsq show`)",
 }
 _DONE = ("carried_out", "accepted")
 _LISTED = 50
@@ -96,15 +100,25 @@ async def decide_many(
         return
     if ask and not await _confirm(f"{verb.capitalize()} {_commands(len(ids))} in {domain}? [y/N] "):
         raise CommandLineError("not confirmed; nothing was changed")
-    results = rejected + await _decide_all(ids, decide, rate=rate, concurrency=concurrency)
-    print(_summary(f"{verb} in {domain}: {_commands(len(results))}", results), file=out)
+    run = await _decide_all(ids, decide, rate=rate, concurrency=concurrency)
+    results = rejected + run.results
+    title = f"{verb} in {domain}: {_commands(len(results))}"
+    if run.interrupted:
+        title += " (interrupted: no decision started after Ctrl-C)"
+    print(_summary(title, results), file=out)
     if as_json:
         print(json.dumps([asdict(r) for r in results]))
+    if run.interrupted:
+        raise Interrupted("interrupted; the summary says what was done")
     failed = sum(r.result not in _DONE for r in results)
     if failed:
         raise CommandLineError(
             f"{failed} of {_commands(len(results))} not carried out (see the summary)"
         )
+
+
+class Interrupted(CommandLineError):
+    """Ctrl-C stopped a bulk decision; exits 130 once the summary is printed."""
 
 
 def _read_ids(text: str) -> tuple[list[str], list[_Result]]:
@@ -123,15 +137,8 @@ def _read_ids(text: str) -> tuple[list[str], list[_Result]]:
 
 
 async def _matching(client: TroubleshootingClient, domain: str, filters: Filters) -> list[str]:
-    """Every matching id, collected before any is decided (decisions would shift the pages)."""
-    ids: dict[str, None] = {}
-    offset = 0
-    while True:
-        page = await client.list_troubleshooting(domain, **filters, limit=MAX_PAGE, offset=offset)
-        ids.update(dict.fromkeys(str(item.command_id) for item in page))
-        if len(page) < MAX_PAGE:
-            return list(ids)
-        offset += MAX_PAGE
+    """Every matching id, in one snapshot, before any is decided (decisions would shift pages)."""
+    return [str(cid) for cid in await client.waiting_ids(domain, **filters)]
 
 
 async def _confirm(question: str) -> bool:
@@ -141,24 +148,60 @@ async def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-async def _decide_all(
-    ids: Sequence[str], decide: Decide, *, rate: float, concurrency: int
-) -> list[_Result]:
+@dataclass
+class _Run:
+    results: list[_Result]
+    interrupted: bool
+
+
+async def _decide_all(ids: Sequence[str], decide: Decide, *, rate: float, concurrency: int) -> _Run:
+    """Decide `ids` at a steady pace. The first Ctrl-C stops starting decisions and waits for
+    those in flight; a second one gives up on them (their outcome is then unknown)."""
     results: dict[int, _Result] = {}
     pacer = _Pacer(rate)
     progress = _Progress(len(ids))
     todo = iter(enumerate(ids))
+    stop = asyncio.Event()
+    in_flight: dict[int, asyncio.Task[_Result]] = {}
+
+    def interrupt() -> None:
+        if stop.is_set():
+            for task in in_flight.values():
+                task.cancel()
+        stop.set()
 
     async def work() -> None:
         # Workers share one iterator: each takes the next id when it is free.
         for index, command_id in todo:
-            await pacer.wait()
-            results[index] = await _decide_one(decide, command_id)
+            await pacer.wait(stop)
+            if stop.is_set():
+                return
+            task = asyncio.ensure_future(_decide_one(decide, command_id))
+            in_flight[index] = task
+            try:
+                results[index] = await task
+            except asyncio.CancelledError:
+                results[index] = _Result(command_id, "unknown", "interrupted while in flight")
+            finally:
+                del in_flight[index]
             progress.advance(results[index].result in _DONE)
 
-    await asyncio.gather(*(work() for _ in range(min(concurrency, len(ids)))))
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        await asyncio.gather(*(work() for _ in range(min(concurrency, len(ids)))))
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
     progress.finish()
-    return [results[index] for index in range(len(ids))]
+    return _Run(
+        [
+            results.get(index) or _Result(cid, "not_started", "stopped by Ctrl-C before it began")
+            for index, cid in enumerate(ids)
+        ],
+        stop.is_set(),
+    )
 
 
 async def _decide_one(decide: Decide, command_id: str) -> _Result:
@@ -217,13 +260,15 @@ class _Pacer:
         self._interval = 1.0 / rate
         self._next = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until this worker's slot comes, or `stop` is set."""
         now = time.monotonic()
         # A slot in the past is not saved up: after a slow stretch there is no burst.
         slot = max(now, self._next)
         self._next = slot + self._interval
         if slot > now:
-            await asyncio.sleep(slot - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), slot - now)
 
 
 class _Progress:

@@ -372,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run(args, Settings.from_env()))
     except KeyboardInterrupt:
         return 130
+    except bulk.Interrupted as err:
+        print(f"tsq {args.command}: {err}", file=sys.stderr)
+        return 130
     except TroubleshootingError as err:
         print(f"tsq {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILURE

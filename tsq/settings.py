@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tsq.contract import DEFAULT_TASK_QUEUE
 from tsq.errors import InvalidInputError
@@ -37,6 +37,14 @@ class Settings:
             task_queue=env.get("TSQ_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
         )
 
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: never with a password in them.
+        database = redact_url(self.database_url) if self.database_url else None
+        return (
+            f"Settings(database_url={database!r}, temporal_address={self.temporal_address!r}, "
+            f"temporal_namespace={self.temporal_namespace!r}, task_queue={self.task_queue!r})"
+        )
+
     def require_database_url(self) -> str:
         if not self.database_url:
             raise InvalidInputError(
@@ -46,10 +54,23 @@ class Settings:
         return self.database_url
 
 
+# Query-string parameters that carry a secret (libpq's names; asyncpg reads the same).
+_SECRET_PARAMETERS = {"password", "sslpassword"}
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and banners."""
+    """The URL with every password (in the user part or the query string) as ***, for logs
+    and banners. Built from the parsed URL, so no spelling of it slips through."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}"
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.lower() in _SECRET_PARAMETERS for key, _ in query):
+        redacted = [
+            (key, "***" if key.lower() in _SECRET_PARAMETERS else value) for key, value in query
+        ]
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(redacted, safe="*")))
     return urlunsplit(parts._replace(netloc=netloc))

@@ -409,15 +409,14 @@ async def parking(conn: Conn, parking_id: int) -> asyncpg.Record | None:
 
 
 async def take_lease(conn: Conn, name: str, holder: str, *, every_s: float) -> bool:
-    """True when `holder` may do the work `name` now: nobody did it in the last `every_s`
-    seconds. The lease then runs for `every_s` seconds."""
+    """True when `holder` should do the work `name` now: nobody took it in the last
+    `every_s` seconds (each worker judges by its own interval)."""
     taken = await conn.fetchval(
         """
-        INSERT INTO tsq.lease (name, holder, until)
-        VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+        INSERT INTO tsq.lease (name, holder, taken_at) VALUES ($1, $2, clock_timestamp())
         ON CONFLICT (name) DO UPDATE
-        SET holder = excluded.holder, until = excluded.until
-        WHERE tsq.lease.until < clock_timestamp()
+        SET holder = excluded.holder, taken_at = excluded.taken_at
+        WHERE tsq.lease.taken_at < clock_timestamp() - make_interval(secs => $3)
         RETURNING true
         """,
         name,

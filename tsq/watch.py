@@ -43,7 +43,8 @@ POLL_S = 2.0
 LEASE_S = 15.0
 BATCH = 200
 CONCURRENCY = 32
-# A parking younger than this may not show in Temporal's list yet: the sweep leaves it be.
+# A parking younger than this (or than one sweep interval, if shorter) may not show in
+# Temporal's list yet: the sweep leaves it be.
 SWEEP_GRACE_S = 30.0
 DEFAULT_SWEEP_S = 300.0
 _DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
@@ -83,14 +84,14 @@ class Watcher:
         dsn: str,
         *,
         sweep_every: float = DEFAULT_SWEEP_S,
-        sweep_grace: float = SWEEP_GRACE_S,
+        sweep_grace: float | None = None,
         on_skipped: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.pool = client.pool
         self.dsn = dsn
         self.sweep_every = sweep_every
-        self.sweep_grace = sweep_grace
+        self.sweep_grace = min(SWEEP_GRACE_S, sweep_every) if sweep_grace is None else sweep_grace
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._wake = asyncio.Event()
         self._gate = asyncio.Semaphore(CONCURRENCY)

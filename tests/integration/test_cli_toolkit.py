@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -15,7 +16,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.helpers import audit_rows, new_domain, replies_for, seed_command, status_of
+from tests.helpers import (
+    assert_eventually,
+    audit_rows,
+    new_domain,
+    replies_for,
+    seed_command,
+    status_of,
+)
 from tsq import TroubleshootingClient
 from tsq.db import ensure_queue
 from tsq.settings import Settings
@@ -383,3 +391,69 @@ async def test_bulk_cancel_of_500_commands(
     )
     assert sorted(r["message"]["command_id"] for r in replies) == sorted(str(c) for c in seeded)
     assert {r["message"]["outcome"] for r in replies} == {"CANCELED"}
+
+
+async def _canceled(pool: asyncpg.Pool, domain: str) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND status = 'CANCELED'", domain
+    )
+    return count
+
+
+async def test_ctrl_c_stops_a_bulk_decision_and_prints_what_was_done(
+    settings: Settings, pool: asyncpg.Pool, tsq: TroubleshootingClient
+) -> None:
+    """Ctrl-C during `cancel --all`: no decision starts after it, those in flight finish, the
+    summary says what was done and what was not, and the exit code is 130."""
+    domain = new_domain()
+    await _seed_many(pool, domain, 600)
+    process = await asyncio.create_subprocess_exec(
+        TSQ, "cancel", domain, "--all", "--yes", "--rate", "50", "--reason", "incident",
+        env=_env(settings),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await assert_eventually(lambda: _canceled(pool, domain), lambda n: n >= 40, within=60)
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 130, err.decode()
+    summary = out.decode()
+    assert "interrupted" in summary and "not started (interrupted)" in summary
+    done = await _canceled(pool, domain)
+    assert 40 <= done < 600
+    await asyncio.sleep(2)  # nothing goes on deciding once the command has exited
+    assert await _canceled(pool, domain) == done
+    assert f"carried out {done:>6}".replace(" ", "") in summary.replace(" ", "")
+
+
+async def test_selection_of_all_misses_none_while_others_decide(
+    pool: asyncpg.Pool, tsq: TroubleshootingClient
+) -> None:
+    """The ids of `--all` come from one snapshot: commands decided by others meanwhile cannot
+    shift a page and hide commands that are still waiting."""
+    domain = new_domain()
+    ids = await _seed_many(pool, domain, 2500)
+    newest = ids[-600:]
+
+    async def others_decide() -> None:
+        for command_id in newest:
+            await pool.execute(
+                "UPDATE commandbus.command SET status = 'CANCELED' WHERE command_id = $1",
+                command_id,
+            )
+
+    selected, _ = await asyncio.gather(tsq.waiting_ids(domain), others_decide())
+    still_waiting = {
+        row["command_id"]
+        for row in await pool.fetch(
+            "SELECT command_id FROM commandbus.command WHERE domain = $1 AND status = $2",
+            domain,
+            "IN_TROUBLESHOOTING_QUEUE",
+        )
+    }
+    assert still_waiting <= set(selected)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import uuid
 from typing import Any
 
@@ -20,6 +19,7 @@ from tests.helpers import (
     audit_rows,
     new_domain,
     replies_for,
+    run_temporal_cli,
     seed_batch,
     seed_command,
     status_of,
@@ -27,24 +27,13 @@ from tests.helpers import (
 from tsq import InvalidInputError, InvalidOperationError, TroubleshootingClient, workflow_id
 from tsq.activities import TroubleshootingActivities
 from tsq.contract import DecisionKind
-from tsq.devstack import TemporalDevServer, temporal_cli
+from tsq.devstack import TemporalDevServer
 from tsq.models import CarryOut, DecisionOutcome, StateView
 from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
 
 
 async def _state(temporal: Client, wid: str) -> StateView:
     return await temporal.get_workflow_handle(wid).query("state", result_type=StateView)
-
-
-def _temporal_cli(server: TemporalDevServer, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the `temporal` CLI, as an operator would, against the session's server."""
-    return subprocess.run(
-        [temporal_cli(), *args, "--address", server.address],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def _waiting(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> tuple[str, uuid.UUID, str]:
@@ -113,7 +102,7 @@ async def test_cancel_through_temporal_cli_signal(
     wid = await tsq.start_workflow("payments", command_id)
     assert wid == f"tsq:payments:{command_id}"
     body = json.dumps({"reason": "Superseded", "operator": "ops@example.com"})
-    cli = _temporal_cli(
+    cli = run_temporal_cli(
         temporal_server,
         "workflow",
         "signal",
@@ -486,7 +475,7 @@ async def test_temporal_cli_batch_signal_cancels_every_match(
 
     await assert_eventually(listed, lambda n: n == 3)
     body = json.dumps({"reason": "ledger migration", "operator": "jane"})
-    cli = _temporal_cli(
+    cli = run_temporal_cli(
         temporal_server,
         "workflow",
         "signal",

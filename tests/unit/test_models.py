@@ -18,7 +18,7 @@ from tsq.models import (
     StateView,
     describe_input,
 )
-from tsq.settings import Settings
+from tsq.settings import Settings, redact_url
 from tsq.workflows.details import EXAMPLES, render_details, render_static_details, render_summary
 
 
@@ -138,3 +138,28 @@ def test_settings_prefer_tsq_database_url() -> None:
     assert (
         Settings.from_env({"DATABASE_URL": "postgresql://c/d"}).database_url == "postgresql://c/d"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://tsq:s3cret@db:5432/bus", "postgresql://tsq:***@db:5432/bus"),
+        (
+            "postgresql://db/bus?user=tsq&password=s3cret",
+            "postgresql://db/bus?user=tsq&password=***",
+        ),
+        (
+            "postgresql://db/bus?PASSWORD=s3cret&sslmode=require",
+            "postgresql://db/bus?PASSWORD=***&sslmode=require",
+        ),
+        (
+            "postgresql://tsq:p%40ss@db/bus?sslpassword=k3y",
+            "postgresql://tsq:***@db/bus?sslpassword=***",
+        ),
+        ("postgresql://tsq@db/bus", "postgresql://tsq@db/bus"),
+    ],
+)
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    """Passwords in the user part and in the query string are hidden; the rest is kept."""
+    assert redact_url(url) == shown
+    assert "s3cret" not in repr(Settings(database_url=url))

@@ -31,11 +31,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS tsq_parking_open ON tsq.parking (domain, comma
 CREATE INDEX IF NOT EXISTS tsq_parking_todo ON tsq.parking (parking_id) WHERE todo IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tsq_parking_command ON tsq.parking (domain, command_id, parking_id);
 
--- Leases for work one worker does at a time (the sweep).
+-- Work done by one worker at a time, every so often (the sweep): who took it last, and when.
 CREATE TABLE IF NOT EXISTS tsq.lease (
-    name    TEXT PRIMARY KEY,
-    holder  TEXT NOT NULL,
-    until   TIMESTAMPTZ NOT NULL
+    name      TEXT PRIMARY KEY,
+    holder    TEXT NOT NULL,
+    taken_at  TIMESTAMPTZ NOT NULL
 );
 
 -- The trigger runs as the table owner's function, whoever updates the command: the bus's role
