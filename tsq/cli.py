@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,6 +94,8 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> None:
 async def _worker(args: argparse.Namespace, settings: Settings) -> None:
     from tsq.worker import STOP_SIGNALS, run_worker
 
+    if args.metrics_port is not None:
+        settings = replace(settings, metrics_port=args.metrics_port)
     await run_worker(settings, signals=STOP_SIGNALS)
 
 
@@ -151,6 +154,22 @@ async def _show(args: argparse.Namespace, settings: Settings) -> None:
     async with await TroubleshootingClient.connect(settings) as client:
         details = await client.show(args.domain, args.command_id)
     print(details.model_dump_json() if args.json else render.command_details(details))
+
+
+async def _groups(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        groups = await client.groups(args.domain)
+    if args.json:
+        print(json.dumps([group.model_dump(mode="json") for group in groups]))
+        return
+    if not groups:
+        print(f"nothing waits in the troubleshooting queue of {args.domain}")
+        return
+    print(render.group_table(groups, datetime.now(UTC)))
+    print(
+        f"\n{sum(g.count for g in groups)} command(s) in {len(groups)} group(s), newest first. "
+        f"Decide a group: tsq cancel|retry|complete {args.domain} <options shown> ..."
+    )
 
 
 async def _audit(args: argparse.Namespace, settings: Settings) -> None:
@@ -299,7 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_migrate)
 
-    p = sub.add_parser("worker", help="run the worker until SIGINT/SIGTERM")
+    p = sub.add_parser(
+        "worker",
+        help="run the worker and the watcher until SIGINT/SIGTERM",
+        description="Runs the workflows and activities, and the watcher that gives commands the "
+        "bus parked their workflows. Settings: TSQ_METRICS_PORT, TSQ_SWEEP_INTERVAL, "
+        "TSQ_NOTIFY_URL, TSQ_NOTIFY_WINDOW, TSQ_WEB_UI_URL.",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (default: TSQ_METRICS_PORT, else none)",
+    )
     p.set_defaults(run=_worker)
 
     p = sub.add_parser(
@@ -336,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command_id")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_show)
+
+    p = sub.add_parser(
+        "groups", help="what waits, by error code and command type: counts, oldest, newest"
+    )
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(run=_groups)
 
     p = sub.add_parser("audit", help="a command's audit trail, oldest first")
     p.add_argument("domain")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -62,7 +63,7 @@ from tsq.models import (
 )
 from tsq.settings import Settings
 from tsq.temporal import connect
-from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem
+from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem, WaitingGroup
 from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
 from tsq.workflows.details import render_static_details, render_summary
 
@@ -433,6 +434,31 @@ class TroubleshootingClient:
             since=since,
             until=until,
         )
+
+    async def groups(self, domain: str) -> list[WaitingGroup]:
+        """What waits in `domain`'s troubleshooting queue, by error code and command type: the
+        count, the oldest and newest parking, newest groups first, and the options that
+        decide a whole group (`--error-code C --type T`)."""
+        rows = await store.waiting_groups(self.pool, _domain(domain))
+        return [
+            WaitingGroup(
+                domain=row["domain"],
+                error_code=row["error_code"] or None,
+                command_type=row["command_type"],
+                count=row["count"],
+                oldest_parked_at=row["oldest"],
+                newest_parked_at=row["newest"],
+                select=" ".join(
+                    f"{option} {shlex.quote(value)}"
+                    for option, value in (
+                        ("--error-code", row["error_code"]),
+                        ("--type", row["command_type"]),
+                    )
+                    if value
+                ),
+            )
+            for row in rows
+        ]
 
     async def get_audit_trail(self, domain: str, command_id: str | UUID) -> list[AuditEvent]:
         """Every audit event of a command, oldest first."""

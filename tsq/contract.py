@@ -176,3 +176,17 @@ class Activity(StrEnum):
     RECORD_REFUSAL = "tsq.record_refusal"
     RECORD_REFUSALS = "tsq.record_refusals"
     OBSERVE = "tsq.observe"
+
+
+class Metric(StrEnum):
+    """tsq's Prometheus metrics (counters get `_total` on the endpoint)."""
+
+    COMMANDS_WAITING = "tsq_commands_waiting"
+    OLDEST_WAITING = "tsq_oldest_waiting_seconds"
+    DECISIONS = "tsq_decisions"
+    REFUSED_REQUESTS = "tsq_refused_requests"
+    DECISIONS_HELD_UP = "tsq_decisions_held_up"
+    DISCOVERY_LAG = "tsq_discovery_lag_seconds"
+    DRIFT_LAG = "tsq_drift_lag_seconds"
+    NOTIFICATIONS = "tsq_notifications"
+    COMMANDS_SKIPPED = "tsq_commands_skipped"

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from tsq.durations import format_duration
+
 if TYPE_CHECKING:
-    from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem
+    from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem, WaitingGroup
 
 
 def one_line(err: BaseException) -> str:
@@ -32,6 +34,23 @@ def item_table(items: Sequence[TroubleshootingItem]) -> str:
                 item.reply_to or "",
             ]
             for item in items
+        ],
+    )
+
+
+def group_table(groups: Sequence[WaitingGroup], now: datetime) -> str:
+    return _table(
+        ["ERROR CODE", "TYPE", "COUNT", "OLDEST", "NEWEST", "DECIDE THE GROUP WITH"],
+        [
+            [
+                clip(g.error_code or "-", 40),
+                clip(g.command_type or "-", 30),
+                str(g.count),
+                format_duration(now - g.oldest_parked_at) + " ago",
+                format_duration(now - g.newest_parked_at) + " ago",
+                g.select,
+            ]
+            for g in groups
         ],
     )
 

@@ -26,6 +26,8 @@ class Settings:
     temporal_address: str = DEFAULT_TEMPORAL_ADDRESS
     temporal_namespace: str = "default"
     task_queue: str = DEFAULT_TASK_QUEUE
+    # `tsq worker` serves Prometheus metrics on this port when set.
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -35,6 +37,7 @@ class Settings:
             temporal_address=env.get("TEMPORAL_ADDRESS") or DEFAULT_TEMPORAL_ADDRESS,
             temporal_namespace=env.get("TEMPORAL_NAMESPACE") or "default",
             task_queue=env.get("TSQ_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
+            metrics_port=_port(env.get("TSQ_METRICS_PORT"), "TSQ_METRICS_PORT"),
         )
 
     def __repr__(self) -> str:
@@ -42,7 +45,8 @@ class Settings:
         database = redact_url(self.database_url) if self.database_url else None
         return (
             f"Settings(database_url={database!r}, temporal_address={self.temporal_address!r}, "
-            f"temporal_namespace={self.temporal_namespace!r}, task_queue={self.task_queue!r})"
+            f"temporal_namespace={self.temporal_namespace!r}, task_queue={self.task_queue!r}, "
+            f"metrics_port={self.metrics_port!r})"
         )
 
     def require_database_url(self) -> str:
@@ -52,6 +56,14 @@ class Settings:
                 "or run `tsq dev` for the embedded stack"
             )
         return self.database_url
+
+
+def _port(text: str | None, what: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise InvalidInputError(f"{what} {text!r} is not a port number (1-65535)")
+    return int(text)
 
 
 # Query-string parameters that carry a secret (libpq's names; asyncpg reads the same).

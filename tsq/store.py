@@ -7,7 +7,7 @@ is in `tsq/sql/`. Parameters are always passed separately, never formatted into 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -464,3 +464,136 @@ async def open_commands(conn: Conn, keys: Sequence[tuple[str, UUID]]) -> set[tup
         [cid for _, cid in keys],
     )
     return {(row["domain"], row["command_id"]) for row in rows}
+
+
+# -- the notifier ---------------------------------------------------------------------------
+
+# Fixed, like the migration's: one worker at a time counts arrivals.
+_NOTIFY_LOCK = 0x7459_5101
+
+
+async def notify_lock(conn: Conn) -> bool:
+    """Within a transaction: whether this one may count arrivals now."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _NOTIFY_LOCK))
+
+
+async def count_arrivals(conn: Conn) -> None:
+    """Parkings not yet counted add to their group's pending count."""
+    await conn.execute(
+        """
+        WITH counted AS (
+            UPDATE tsq.parking SET notified = true
+            WHERE parking_id IN (
+                SELECT parking_id FROM tsq.parking WHERE NOT notified
+                ORDER BY parking_id LIMIT 10000 FOR UPDATE SKIP LOCKED
+            )
+            RETURNING domain, coalesce(error_code, '') AS error_code
+        )
+        INSERT INTO tsq.notice_group (kind, domain, error_code, pending)
+        SELECT 'arrivals', domain, error_code, count(*) FROM counted GROUP BY domain, error_code
+        ON CONFLICT (kind, domain, error_code)
+        DO UPDATE SET pending = tsq.notice_group.pending + excluded.pending
+        """
+    )
+
+
+async def due_arrivals(conn: Conn, window: timedelta) -> list[asyncpg.Record]:
+    """Groups with arrivals whose last message is a window old (or that never had one):
+    marked sent now, with what the message needs."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        WITH due AS (
+            UPDATE tsq.notice_group g
+            SET pending = 0, last_sent_at = clock_timestamp()
+            FROM tsq.notice_group old
+            WHERE g.kind = 'arrivals' AND g.pending > 0
+              AND old.kind = g.kind AND old.domain = g.domain AND old.error_code = g.error_code
+              AND (g.last_sent_at IS NULL OR g.last_sent_at <= clock_timestamp() - $1::interval)
+            RETURNING g.domain, g.error_code, old.pending AS arrived, g.last_sent_at AS sent_at,
+                old.last_sent_at IS NOT NULL AS repeat
+        )
+        SELECT due.*, w.waiting, w.oldest FROM due
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS waiting, min(parked_at) AS oldest FROM tsq.parking p
+            WHERE p.domain = due.domain AND coalesce(p.error_code, '') = due.error_code
+              AND p.left_at IS NULL
+        ) w
+        """,
+        window,
+    )
+    return rows
+
+
+async def add_notice(conn: Conn, key: str, body: dict[str, Any]) -> None:
+    await conn.execute(
+        """
+        INSERT INTO tsq.notice (idempotency_key, body) VALUES ($1, $2)
+        ON CONFLICT (idempotency_key) DO NOTHING
+        """,
+        key,
+        body,
+    )
+
+
+async def claim_notices(conn: Conn, *, lease_s: float, limit: int = 20) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        UPDATE tsq.notice n
+        SET next_attempt_at = clock_timestamp() + make_interval(secs => $1),
+            attempts = n.attempts + 1
+        FROM (
+            SELECT notice_id FROM tsq.notice
+            WHERE sent_at IS NULL AND next_attempt_at <= clock_timestamp()
+            ORDER BY notice_id LIMIT $2 FOR UPDATE SKIP LOCKED
+        ) due
+        WHERE n.notice_id = due.notice_id
+        RETURNING n.notice_id, n.idempotency_key, n.body, n.attempts
+        """,
+        lease_s,
+        limit,
+    )
+    return rows
+
+
+async def notice_sent(conn: Conn, notice_id: int) -> None:
+    await conn.execute(
+        "UPDATE tsq.notice SET sent_at = clock_timestamp(), last_error = NULL WHERE notice_id = $1",
+        notice_id,
+    )
+
+
+async def notice_failed(
+    conn: Conn, notice_id: int, problem: str, *, retry_in_s: float | None
+) -> None:
+    """Try again in `retry_in_s` seconds; None: given up (kept, with its last error)."""
+    await conn.execute(
+        """
+        UPDATE tsq.notice SET last_error = $2,
+            next_attempt_at = CASE WHEN $3::float8 IS NULL THEN 'infinity'::timestamptz
+                ELSE clock_timestamp() + make_interval(secs => $3) END
+        WHERE notice_id = $1
+        """,
+        notice_id,
+        problem,
+        retry_in_s,
+    )
+
+
+# -- reading what waits ---------------------------------------------------------------------
+
+
+async def waiting_groups(conn: Conn, domain: str | None) -> list[asyncpg.Record]:
+    """Waiting commands by domain, error code and command type: count, oldest and newest
+    parking; newest groups first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT domain, coalesce(error_code, '') AS error_code, command_type, count(*) AS count,
+            min(parked_at) AS oldest, max(parked_at) AS newest
+        FROM tsq.parking
+        WHERE left_at IS NULL AND ($1::text IS NULL OR domain = $1)
+        GROUP BY domain, coalesce(error_code, ''), command_type
+        ORDER BY newest DESC, domain, error_code, command_type
+        """,
+        domain,
+    )
+    return rows

@@ -14,6 +14,7 @@ from temporalio.client import Client
 from temporalio.converter import DataConverter, DefaultFailureConverter, PayloadConverter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ApplicationError
+from temporalio.runtime import Runtime
 
 from tsq.converter import TsqPayloadConverter
 from tsq.errors import ERROR_TYPES
@@ -37,7 +38,7 @@ DATA_CONVERTER = DataConverter(
 )
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Client:
     """Connect with the pydantic data converter (workers built on the client inherit it).
 
     TLS and API key come from Temporal's environment configuration (`TEMPORAL_API_KEY`,
@@ -46,7 +47,7 @@ async def connect(settings: Settings) -> Client:
     config: dict[str, Any] = dict(ClientConfig.load_client_connect_config())
     config["target_host"] = settings.temporal_address
     config["namespace"] = settings.temporal_namespace
-    return await Client.connect(**config, data_converter=DATA_CONVERTER)
+    return await Client.connect(**config, data_converter=DATA_CONVERTER, runtime=runtime)
 
 
 async def register_search_attributes(client: Client) -> list[str]:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tsq.models import StateView
 
@@ -51,3 +51,17 @@ class CommandDetails(BaseModel):
     workflow: StateView | None
     workflow_note: str | None = None
     audit: list[AuditEvent]
+
+
+class WaitingGroup(BaseModel):
+    """Waiting commands of one domain with the same error code and command type."""
+
+    domain: str
+    error_code: str | None
+    command_type: str | None
+    count: int
+    oldest_parked_at: datetime
+    newest_parked_at: datetime
+    select: str = Field(
+        description="The options that select this group in `tsq cancel|retry|complete DOMAIN`"
+    )

@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -32,6 +33,7 @@ from tsq import store
 from tsq.client import TroubleshootingClient, snapshot
 from tsq.contract import WORKFLOW_TYPE, CommandStatus, parse_workflow_id, workflow_id
 from tsq.errors import InvalidInputError, StaleParkingError
+from tsq.metrics import WatcherMetrics
 from tsq.render import one_line
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ CONCURRENCY = 32
 # Temporal's list yet: the sweep leaves it be.
 SWEEP_GRACE_S = 30.0
 DEFAULT_SWEEP_S = 300.0
+# The waiting gauges are read from the database this often.
+GAUGE_S = 15.0
 _DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 _TEMPORAL_ERRORS = (RPCError, TemporalError, OSError, TimeoutError, RuntimeError)
 
@@ -85,7 +89,7 @@ class Watcher:
         *,
         sweep_every: float = DEFAULT_SWEEP_S,
         sweep_grace: float | None = None,
-        on_skipped: Callable[[str], None] | None = None,
+        metrics: WatcherMetrics | None = None,
     ) -> None:
         self.client = client
         self.pool = client.pool
@@ -95,7 +99,7 @@ class Watcher:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._wake = asyncio.Event()
         self._gate = asyncio.Semaphore(CONCURRENCY)
-        self._on_skipped = on_skipped
+        self.metrics = metrics
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
@@ -103,6 +107,8 @@ class Watcher:
             asyncio.create_task(self._drain_loop(stop), name="tsq drain"),
             asyncio.create_task(self._sweep_loop(stop), name="tsq sweep"),
         ]
+        if self.metrics is not None:
+            tasks.append(asyncio.create_task(self._gauge_loop(stop), name="tsq gauges"))
         try:
             await stop.wait()
         finally:
@@ -173,8 +179,10 @@ class Watcher:
         try:
             if row["todo"] == "tell":
                 await self._tell(wid)
-            else:
-                await self._start(row)
+                if self.metrics and row["left_at"] is not None:
+                    self.metrics.drifted(_age(row["left_at"]))
+            elif await self._start(row) and self.metrics:
+                self.metrics.discovered(_age(row["parked_at"]))
         except StaleParkingError as err:
             # The earlier run was asked to end; its successor starts once it has.
             await store.retry_todo(self.pool, pid, seq, after_s=1.0, problem=str(err))
@@ -182,8 +190,8 @@ class Watcher:
         except InvalidInputError as err:
             problem = f"skipped: {err}"
             log.warning("watcher: %s", problem)
-            if self._on_skipped:
-                self._on_skipped(row["domain"])
+            if self.metrics:
+                self.metrics.skipped(row["domain"])
             await store.finish_todo(self.pool, pid, seq, problem=problem)
             return
         except _TEMPORAL_ERRORS as err:
@@ -193,20 +201,22 @@ class Watcher:
             return
         await store.finish_todo(self.pool, pid, seq)
 
-    async def _start(self, parking: asyncpg.Record) -> None:
+    async def _start(self, parking: asyncpg.Record) -> bool:
+        """Start the parking's workflow if it has none; True if this call started it."""
         row = await store.command(self.pool, parking["domain"], parking["command_id"])
         if (
             row is None
             or row["status"] != CommandStatus.IN_TROUBLESHOOTING_QUEUE
             or row["parking_id"] != parking["parking_id"]
         ):
-            return  # it left already; its "tell" follows when it matters
+            return False  # it left already; its "tell" follows when it matters
         started = await self.client.ensure_started(snapshot(row))
         if started:
             now = await store.parking(self.pool, parking["parking_id"])
             if now is not None and now["left_at"] is not None:
                 # Decided while this start was on its way: the new run must look.
                 await self._tell(workflow_id(row["domain"], row["command_id"]))
+        return started
 
     async def _tell(self, wid: str) -> None:
         try:
@@ -266,10 +276,28 @@ class Watcher:
         await asyncio.gather(*(self._guarded_tell(wid) for wid in report.told))
         return report
 
+    async def _gauge_loop(self, stop: asyncio.Event) -> None:
+        assert self.metrics is not None
+        while not stop.is_set():
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                groups = await store.waiting_groups(self.pool, None)
+                self.metrics.report_waiting(
+                    [
+                        (g["domain"], g["command_type"] or "", g["error_code"], g["count"],
+                         _age(g["oldest"]))
+                        for g in groups
+                    ]
+                )  # fmt: skip
+            await _sleep(stop, GAUGE_S)
+
     async def _guarded_tell(self, wid: str) -> None:
         async with self._gate:
             with contextlib.suppress(*_TEMPORAL_ERRORS):
                 await self._tell(wid)
+
+
+def _age(since: datetime) -> float:
+    return (datetime.now(UTC) - since).total_seconds()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -15,7 +16,9 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from tsq.activities import TroubleshootingActivities
 from tsq.client import TroubleshootingClient
 from tsq.db import create_pool
-from tsq.settings import Settings
+from tsq.metrics import WatcherMetrics, prometheus_runtime
+from tsq.notify import Notifier, NotifyConfig
+from tsq.settings import Settings, redact_url
 from tsq.temporal import connect, register_search_attributes
 from tsq.watch import Watcher, sweep_interval
 from tsq.workflows.troubleshooting import TroubleshootingWorkflow
@@ -52,25 +55,34 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
-    client = await connect(settings)
+    notify = NotifyConfig.from_env(os.environ, namespace=settings.temporal_namespace)
+    runtime = prometheus_runtime(settings.metrics_port) if settings.metrics_port else None
+    client = await connect(settings, runtime=runtime)
     await register_search_attributes(client)
     dsn = settings.require_database_url()
     pool = await create_pool(dsn)
+    metrics = WatcherMetrics(runtime.metric_meter) if runtime else None
     try:
         watcher = Watcher(
             TroubleshootingClient(client, pool, task_queue=settings.task_queue),
             dsn,
             sweep_every=sweep_interval(),
+            metrics=metrics,
         )
         worker = new_worker(client, pool, settings.task_queue)
         async with worker:
             log.info(
-                "tsq worker polling task queue %r on %s (namespace %s)",
+                "tsq worker polling task queue %r on %s (namespace %s)%s%s",
                 settings.task_queue,
                 settings.temporal_address,
                 settings.temporal_namespace,
+                f"; metrics on :{settings.metrics_port}/metrics" if runtime else "",
+                f"; notifying {redact_url(notify.url)}" if notify else "",
             )
-            await watcher.run(stop)
+            side = [watcher.run(stop)]
+            if notify is not None:
+                side.append(Notifier(pool, notify, metrics).run(stop))
+            await asyncio.gather(*side)
             log.info("stopping: finishing in-flight work")
     finally:
         await pool.close()

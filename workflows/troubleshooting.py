@@ -29,7 +29,15 @@ from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from tsq.contract import DECISIONS, WORKFLOW_TYPE, Activity, DecisionKind, TsqState, workflow_id
+    from tsq.contract import (
+        DECISIONS,
+        WORKFLOW_TYPE,
+        Activity,
+        DecisionKind,
+        Metric,
+        TsqState,
+        workflow_id,
+    )
     from tsq.converter import UndecodableInput
     from tsq.errors import (
         AlreadyDecidedError,
@@ -281,6 +289,7 @@ class TroubleshootingWorkflow:
                     raise
                 # Held up (database away, row locked): the workflow list shows it from now on,
                 # and the attempts go on with backoff until the database takes the decision.
+                _count(Metric.DECISIONS_HELD_UP, kind=pending.kind.value)
                 self._publish()
                 outcome = await self._carry_out_activity(carry_out, ACTIVITY_RETRY)
         except (ActivityError, ApplicationError) as err:
@@ -295,6 +304,9 @@ class TroubleshootingWorkflow:
                 cause = err.cause if isinstance(err, ActivityError) else err
                 message = str(cause) if cause is not None else str(err)
                 error_type = cause.type if isinstance(cause, ApplicationError) else None
+                _count(
+                    Metric.DECISIONS, kind=pending.kind.value, channel=pending.via, result="refused"
+                )
                 self._failed.append(f"{pending.kind.value} refused: {message}")
                 self._failed_count += 1
                 pending.error = ApplicationError(message, type=error_type, non_retryable=True)
@@ -307,6 +319,12 @@ class TroubleshootingWorkflow:
             DECISIONS[outcome.decision].done_state
             if outcome.carried_out and outcome.decision is not None
             else TsqState.DECIDED_ELSEWHERE
+        )
+        _count(
+            Metric.DECISIONS,
+            kind=pending.kind.value,
+            channel=pending.via,
+            result="carried_out" if outcome.carried_out else "decided_elsewhere",
         )
         if outcome.request_id not in (None, pending.request_id):
             # The decision of another request was recorded for this parking first: a request
@@ -522,6 +540,13 @@ class TroubleshootingWorkflow:
         return pending.outcome
 
     def _validate(self, kind: DecisionKind, raw: Any, extra: tuple[Any, ...]) -> None:
+        try:
+            self._check_update(kind, raw, extra)
+        except ApplicationError:
+            _count(Metric.REFUSED_REQUESTS, request=kind.value, channel="update")
+            raise
+
+    def _check_update(self, kind: DecisionKind, raw: Any, extra: tuple[Any, ...]) -> None:
         if self._mismatch:
             raise ApplicationError(
                 self._mismatch, type=InvalidOperationError.__name__, non_retryable=True
@@ -589,6 +614,7 @@ class TroubleshootingWorkflow:
         )
 
     def _note_refusal(self, handler: str, received: str, problem: str) -> RefusedRequest:
+        _count(Metric.REFUSED_REQUESTS, request=_request_label(handler), channel="signal")
         refusal = RefusedRequest(handler=handler, problem=problem, received=received)
         self._refused.append(refusal)
         self._refused_count += 1
@@ -675,6 +701,18 @@ def _validated(kind: DecisionKind, raw: Any) -> DecisionRequest:
             type=InvalidInputError.__name__,
             non_retryable=True,
         ) from None
+
+
+def _count(name: str, **labels: str) -> None:
+    """Replay-safe: a replayed history counts nothing again."""
+    workflow.metric_meter().create_counter(name).add(1, labels)
+
+
+def _request_label(handler: str) -> str:
+    """A bounded label for what was refused: unknown signal names are the caller's to choose."""
+    if handler in {kind.value for kind in DecisionKind}:
+        return handler
+    return "cancellation" if handler == "Request Cancellation" else "unknown"
 
 
 def _refused(err: ActivityError | ApplicationError) -> bool:

@@ -106,17 +106,39 @@ def test_temporal_persists_to_the_compose_postgres(compose: dict[str, Any]) -> N
 
 
 def test_worker_environment_is_what_tsq_reads(compose: dict[str, Any]) -> None:
-    """Settings.from_env turns the worker's environment into the compose services' addresses."""
+    """Settings.from_env turns the worker's environment into the compose services' addresses;
+    the worker connects as the worker role, not as the owner."""
     env = _environment(_service(compose, "worker"))
     postgres = _environment(_service(compose, "postgres"))
     settings = Settings.from_env(env)
     assert settings.database_url == (
-        f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+        f"postgresql://tsq_worker:{postgres['TSQ_WORKER_PASSWORD']}"
         f"@postgres:5432/{postgres['POSTGRES_DB']}"
     )
     assert settings.temporal_address == "temporal:7233"
     assert settings.temporal_namespace == "default"
     assert settings.task_queue == DEFAULT_TASK_QUEUE == "troubleshooting"
+
+
+def test_owner_migrates_once_and_grants_the_worker_role(compose: dict[str, Any]) -> None:
+    """The `migrate` service runs as the owner and grants `tsq_worker`, which PostgreSQL's
+    first start creates; the workers wait for it to succeed."""
+    migrate = _service(compose, "migrate")
+    postgres = _environment(_service(compose, "postgres"))
+    assert migrate["command"] == ["migrate", "--worker-role", "tsq_worker"]
+    owner = Settings.from_env(_environment(migrate))
+    assert owner.database_url == (
+        f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}"
+        f"@postgres:5432/{postgres['POSTGRES_DB']}"
+    )
+    assert _service(compose, "worker")["depends_on"]["migrate"] == {
+        "condition": "service_completed_successfully"
+    }
+    [init] = _service(compose, "postgres")["configs"]
+    assert init["target"].startswith("/docker-entrypoint-initdb.d/")
+    script = compose["configs"][init["source"]]["content"]
+    assert "CREATE ROLE tsq_worker LOGIN PASSWORD :'password'" in script
+    assert "TSQ_WORKER_PASSWORD" in script
 
 
 @pytest.mark.parametrize(

@@ -24,12 +24,18 @@ CREATE TABLE IF NOT EXISTS tsq.parking (
     claimed_until  TIMESTAMPTZ,
     attempts       INT NOT NULL DEFAULT 0,
     -- Why the watcher could not do `todo` (yet); 'skipped: ...' when it never can.
-    problem        TEXT
+    problem        TEXT,
+    -- What the command was parked with, for the notifier's digests and the groups.
+    error_code     TEXT,
+    command_type   TEXT,
+    -- Counted in a notification of arrivals already.
+    notified       BOOLEAN NOT NULL DEFAULT false
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tsq_parking_open ON tsq.parking (domain, command_id)
     WHERE left_at IS NULL;
 CREATE INDEX IF NOT EXISTS tsq_parking_todo ON tsq.parking (parking_id) WHERE todo IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tsq_parking_command ON tsq.parking (domain, command_id, parking_id);
+CREATE INDEX IF NOT EXISTS tsq_parking_unnotified ON tsq.parking (parking_id) WHERE NOT notified;
 
 -- Work done by one worker at a time, every so often (the sweep): who took it last, and when.
 CREATE TABLE IF NOT EXISTS tsq.lease (
@@ -60,8 +66,8 @@ BEGIN
         WHERE domain = OLD.domain AND command_id = OLD.command_id AND left_at IS NULL;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.status = 'IN_TROUBLESHOOTING_QUEUE' THEN
-        INSERT INTO tsq.parking (domain, command_id, todo)
-        VALUES (NEW.domain, NEW.command_id, 'start')
+        INSERT INTO tsq.parking (domain, command_id, todo, error_code, command_type)
+        VALUES (NEW.domain, NEW.command_id, 'start', NEW.last_error_code, NEW.command_type)
         ON CONFLICT (domain, command_id) WHERE left_at IS NULL DO NOTHING;
     END IF;
     PERFORM pg_notify('tsq_parking', '');
@@ -85,8 +91,10 @@ IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'tsq_parking_insert'
         EXECUTE FUNCTION tsq.track_parking();
     -- Commands parked before tsq watched: a parking each, and a workflow check by the watcher.
     -- CREATE TRIGGER holds off the bus's writers until this commits, so none is missed.
-    INSERT INTO tsq.parking (domain, command_id, parked_at, backfilled, todo)
-    SELECT domain, command_id, updated_at, true, 'start' FROM commandbus.command
+    INSERT INTO tsq.parking (domain, command_id, parked_at, backfilled, todo, error_code,
+        command_type, notified)
+    SELECT domain, command_id, updated_at, true, 'start', last_error_code, command_type, true
+    FROM commandbus.command
     WHERE status = 'IN_TROUBLESHOOTING_QUEUE'
     ON CONFLICT (domain, command_id) WHERE left_at IS NULL DO NOTHING;
 END IF;
@@ -358,6 +366,29 @@ BEGIN
 END;
 $fn$;
 
+-- Notifications to operators (TSQ_NOTIFY_URL): a digest per domain and error code at most
+-- once per window, kept until delivered. The key travels with each delivery, so a receiver
+-- can drop a redelivery.
+CREATE TABLE IF NOT EXISTS tsq.notice_group (
+    kind            TEXT NOT NULL,
+    domain          TEXT NOT NULL,
+    error_code      TEXT NOT NULL,
+    pending         INT NOT NULL DEFAULT 0,
+    last_sent_at    TIMESTAMPTZ,
+    PRIMARY KEY (kind, domain, error_code)
+);
+CREATE TABLE IF NOT EXISTS tsq.notice (
+    notice_id        BIGSERIAL PRIMARY KEY,
+    idempotency_key  TEXT NOT NULL UNIQUE,
+    body             JSONB NOT NULL,
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    sent_at          TIMESTAMPTZ,
+    attempts         INT NOT NULL DEFAULT 0,
+    next_attempt_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    last_error       TEXT
+);
+CREATE INDEX IF NOT EXISTS tsq_notice_unsent ON tsq.notice (next_attempt_at) WHERE sent_at IS NULL;
+
 -- What the worker role (the worker, the SDK, the CLI) may do, and no more: it reads and moves
 -- commands and batches, adds audit rows but never changes or removes one, and keeps tsq's own
 -- records. It owns nothing, so it cannot switch the audit table's append-only trigger off.
@@ -382,9 +413,10 @@ BEGIN
             || ' TO %I',
         'GRANT SELECT ON commandbus.payload_archive, pgmq.meta, tsq.migration TO %I',
         'GRANT SELECT, INSERT ON tsq.effect TO %I',
-        'GRANT SELECT, INSERT, UPDATE ON tsq.parking, tsq.lease TO %I',
+        'GRANT SELECT, INSERT, UPDATE ON tsq.parking, tsq.lease, tsq.notice_group, tsq.notice '
+            'TO %I',
         'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('tsq.parking', 'parking_id')
-            || ' TO %I'
+            || ', ' || pg_get_serial_sequence('tsq.notice', 'notice_id') || ' TO %I'
     ] LOOP
         EXECUTE format(v_statement, p_role);
     END LOOP;
