@@ -18,15 +18,23 @@ import pytest
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from tests.helpers import with_database
 from tsq.client import TroubleshootingClient
 from tsq.db import create_pool, migrate
 from tsq.devstack import TemporalDevServer, embedded_postgres, start_temporal
-from tsq.settings import Settings
+from tsq.settings import Settings, with_database
 from tsq.temporal import connect
 from tsq.worker import new_worker
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+SUITES = ("unit", "integration", "faults", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with the suite of its folder."""
+    for item in items:
+        suite = item.path.parent.name
+        if suite in SUITES:
+            item.add_marker(getattr(pytest.mark, suite))
 
 
 async def _reachable(url: str) -> bool:

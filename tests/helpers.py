@@ -9,20 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from tsq.db import ensure_queue, migrate
 from tsq.devstack import TemporalDevServer, temporal_cli
+from tsq.settings import with_database
 
 T = TypeVar("T")
-
-
-def with_database(url: str, name: str) -> str:
-    """The same server URL, naming another database (the path is the database)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @contextlib.asynccontextmanager
@@ -136,7 +130,7 @@ async def replies_for(
 async def audit_rows(
     pool: asyncpg.Pool, domain: str, command_id: uuid.UUID, event_type: str | None = None
 ) -> list[asyncpg.Record]:
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         """
         SELECT * FROM commandbus.audit
         WHERE domain = $1 AND command_id = $2 AND ($3::text IS NULL OR event_type = $3)
@@ -146,14 +140,16 @@ async def audit_rows(
         command_id,
         event_type,
     )
+    return rows
 
 
 async def status_of(pool: asyncpg.Pool, domain: str, command_id: uuid.UUID) -> str | None:
-    return await pool.fetchval(
+    status: str | None = await pool.fetchval(
         "SELECT status FROM commandbus.command WHERE domain = $1 AND command_id = $2",
         domain,
         command_id,
     )
+    return status
 
 
 async def assert_eventually(

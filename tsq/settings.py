@@ -86,3 +86,8 @@ def redact_url(url: str) -> str:
         ]
         return urlunsplit(parts._replace(netloc=netloc, query=urlencode(redacted, safe="*")))
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL, naming another database (the path is the database)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))

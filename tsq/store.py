@@ -360,20 +360,54 @@ async def claim_parkings(conn: Conn, *, lease_s: float, limit: int) -> list[asyn
     return rows
 
 
-async def finish_todo(
-    conn: Conn, parking_id: int, todo_seq: int, *, problem: str | None = None
-) -> None:
-    """The claimed work is done (or can never be: `problem` says why); unless the parking
-    changed meanwhile, which left new work."""
+async def finish_todos(conn: Conn, done: Sequence[tuple[int, int, str | None]]) -> None:
+    """The claimed work of these (parking id, todo_seq, problem) is done, or can never be
+    (`problem` says why); unless a parking changed meanwhile, which left new work."""
+    if not done:
+        return
     await conn.execute(
         """
-        UPDATE tsq.parking SET todo = NULL, claimed_until = NULL, problem = $3
-        WHERE parking_id = $1 AND todo_seq = $2
+        UPDATE tsq.parking p SET todo = NULL, claimed_until = NULL, problem = d.problem
+        FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS d(parking_id, todo_seq, problem)
+        WHERE p.parking_id = d.parking_id AND p.todo_seq = d.todo_seq
         """,
-        parking_id,
-        todo_seq,
-        problem,
+        [pid for pid, _, _ in done],
+        [seq for _, seq, _ in done],
+        [problem for _, _, problem in done],
     )
+
+
+async def commands_of(
+    conn: Conn, keys: Sequence[tuple[str, UUID]]
+) -> dict[tuple[str, UUID], asyncpg.Record]:
+    """The command rows (with their open `parking_id`) of these (domain, command id)."""
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT c.*, p.parking_id FROM unnest($1::text[], $2::uuid[]) AS k(domain, command_id)
+        JOIN commandbus.command c ON c.domain = k.domain AND c.command_id = k.command_id
+        LEFT JOIN tsq.parking p
+            ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+        """,
+        [domain for domain, _ in keys],
+        [cid for _, cid in keys],
+    )
+    return {(row["domain"], row["command_id"]): row for row in rows}
+
+
+async def left_among(conn: Conn, parking_ids: Sequence[int]) -> list[asyncpg.Record]:
+    """Which of these parkings have ended."""
+    if not parking_ids:
+        return []
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT parking_id, domain, command_id FROM tsq.parking
+        WHERE parking_id = ANY($1::bigint[]) AND left_at IS NOT NULL
+        """,
+        list(parking_ids),
+    )
+    return rows
 
 
 async def retry_todo(
@@ -399,13 +433,6 @@ async def started(conn: Conn, parking_id: int) -> None:
         "UPDATE tsq.parking SET todo = NULL WHERE parking_id = $1 AND todo = 'start'",
         parking_id,
     )
-
-
-async def parking(conn: Conn, parking_id: int) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT * FROM tsq.parking WHERE parking_id = $1", parking_id
-    )
-    return row
 
 
 async def take_lease(conn: Conn, name: str, holder: str, *, every_s: float) -> bool:
@@ -597,3 +624,205 @@ async def waiting_groups(conn: Conn, domain: str | None) -> list[asyncpg.Record]
         domain,
     )
     return rows
+
+
+# -- the benchmark and the demo, acting as a command bus -------------------------------------
+
+
+async def send_commands(
+    conn: Conn, domain: str, count: int, *, parked: bool, error_code: str = "BENCH"
+) -> list[UUID]:
+    """`count` commands as a bus sends them: IN_PROGRESS with a message in `<domain>__commands`
+    (to be parked by `move_to_troubleshooting`), or already parked without one. One statement."""
+    await conn.execute(
+        """
+        SELECT pgmq.create(queue) FROM unnest($1::text[]) AS queue
+        WHERE tsq.queue_named(queue) IS NULL
+        """,
+        [f"{domain}__commands", f"{domain}__replies"],
+    )
+    rows = await conn.fetch(
+        """
+        WITH fresh AS (
+            SELECT gen_random_uuid() AS command_id, gen_random_uuid() AS correlation_id
+            FROM generate_series(1, $4)
+        ), sent AS (
+            SELECT fresh.*,
+                CASE WHEN $5 THEN NULL ELSE (SELECT * FROM pgmq.send($2::text,
+                    jsonb_build_object(
+                        'domain', $1::text, 'command_type', 'DebitAccount',
+                        'command_id', command_id, 'correlation_id', correlation_id,
+                        'data', jsonb_build_object('account', 'ACC-1', 'amount', 100),
+                        'reply_to', $3::text))) END AS msg_id
+            FROM fresh
+        )
+        INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id,
+            command_type, status, attempts, max_attempts, last_error_type,
+            last_error_code, last_error_msg, reply_queue, correlation_id)
+        SELECT $1, $2, msg_id, command_id, 'DebitAccount',
+            CASE WHEN $5 THEN $6 ELSE 'IN_PROGRESS' END, 3, 3,
+            CASE WHEN $5 THEN 'PERMANENT' END, CASE WHEN $5 THEN $7 END,
+            CASE WHEN $5 THEN 'parked by tsq bench' END, $3, correlation_id
+        FROM sent
+        RETURNING command_id
+        """,
+        domain,
+        f"{domain}__commands",
+        f"{domain}__replies",
+        count,
+        parked,
+        TSQ,
+        error_code,
+    )
+    return [row["command_id"] for row in rows]
+
+
+async def park_as_bus(conn: Conn, domain: str, ids: Sequence[UUID]) -> None:
+    """Park running commands the way the reference command bus's worker does: plain SQL."""
+    await conn.execute(
+        """
+        UPDATE commandbus.command
+        SET status = $3, last_error_type = 'PERMANENT', last_error_code = 'BENCH',
+            last_error_msg = 'parked by tsq bench', updated_at = now()
+        WHERE domain = $1 AND command_id = ANY($2::uuid[])
+        """,
+        domain,
+        list(ids),
+        TSQ,
+    )
+
+
+async def set_status_as_bus(conn: Conn, domain: str, ids: Sequence[UUID], status: str) -> None:
+    """Change commands' status the way another tool does: plain SQL, one statement."""
+    await conn.execute(
+        """
+        UPDATE commandbus.command SET status = $3, updated_at = now()
+        WHERE domain = $1 AND command_id = ANY($2::uuid[])
+        """,
+        domain,
+        list(ids),
+        status,
+    )
+
+
+async def cancel_directly(conn: Conn, domain: str, command_id: UUID, reason: str) -> None:
+    """A cancel as a bus's own tool does it, without tsq: one transaction, the guarded update,
+    the reply and the audit row."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """
+            WITH canceled AS (
+                UPDATE commandbus.command SET status = 'CANCELED', updated_at = now()
+                WHERE domain = $1 AND command_id = $2 AND status = $3
+                RETURNING *
+            )
+            SELECT reply_queue, (SELECT * FROM pgmq.send(reply_queue,
+                tsq.reply_body(canceled::commandbus.command, 'CANCELED', $4, NULL))) AS msg_id
+            FROM canceled
+            """,
+            domain,
+            command_id,
+            TSQ,
+            reason,
+        )
+        if row is None:
+            raise RuntimeError(f"command {command_id} was not in the troubleshooting queue")
+        await conn.execute("SELECT pg_notify($1, '')", f"pgmq_notify_{row['reply_queue']}")
+        await conn.execute(
+            """
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            VALUES ($1, $2, 'OPERATOR_CANCEL', $3)
+            """,
+            domain,
+            command_id,
+            {
+                "operator": "tsq-bench",
+                "reason": reason,
+                "reply_to": row["reply_queue"],
+                "reply_msg_id": row["msg_id"],
+            },
+        )
+
+
+async def decided_counts(conn: Conn, domain: str) -> asyncpg.Record:
+    """What a domain's cancels left: commands canceled, audit rows (and commands with one),
+    decisions recorded, replies (and commands with one)."""
+    row: asyncpg.Record = await conn.fetchrow(
+        """
+        SELECT
+            (SELECT count(*) FROM commandbus.command
+             WHERE domain = $1 AND status = 'CANCELED') AS canceled,
+            (SELECT count(*) FROM commandbus.audit
+             WHERE domain = $1 AND event_type = 'OPERATOR_CANCEL') AS audits,
+            (SELECT count(DISTINCT command_id) FROM commandbus.audit
+             WHERE domain = $1 AND event_type = 'OPERATOR_CANCEL') AS audited_commands,
+            (SELECT count(*) FROM tsq.effect WHERE domain = $1 AND kind = 'cancel') AS decisions,
+            r.replies, r.replied_commands
+        FROM (
+            SELECT count(*) FILTER (WHERE message->>'outcome' = 'CANCELED') AS replies,
+                count(DISTINCT message->>'command_id') AS replied_commands
+            FROM pgmq.read($1 || '__replies', 0, 2147483647)
+        ) r
+        """,
+        domain,
+    )
+    return row
+
+
+async def parked_counts(conn: Conn, domain: str) -> asyncpg.Record:
+    """Commands of a domain in the troubleshooting queue, and MOVED_TO_TSQ audit rows."""
+    row: asyncpg.Record = await conn.fetchrow(
+        """
+        SELECT
+            (SELECT count(*) FROM commandbus.command WHERE domain = $1 AND status = $2) AS parked,
+            (SELECT count(*) FROM commandbus.audit
+             WHERE domain = $1 AND event_type = 'MOVED_TO_TSQ') AS moved_audits
+        """,
+        domain,
+        TSQ,
+    )
+    return row
+
+
+# Both copies are ordinary tables in the bench's own database: a temporary one would skip the
+# write-ahead log and flatter the bare side.
+_COPIES = """
+CREATE TABLE public.bench_bare (LIKE commandbus.command INCLUDING ALL);
+CREATE TABLE public.bench_watched (LIKE commandbus.command INCLUDING ALL);
+CREATE TRIGGER tsq_parking_update AFTER UPDATE OF status ON public.bench_watched
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+        AND 'IN_TROUBLESHOOTING_QUEUE' IN (OLD.status, NEW.status))
+    EXECUTE FUNCTION tsq.track_parking();
+"""
+_FILL = {
+    table: f"""
+        INSERT INTO public.{table} (domain, queue_name, command_id, command_type, status,
+            max_attempts)
+        SELECT $1, 'q', id, 'DebitAccount', 'IN_PROGRESS', 3 FROM unnest($2::uuid[]) id
+    """
+    for table in ("bench_bare", "bench_watched")
+}
+_BUS_UPDATE = {
+    table: f"""
+        UPDATE public.{table} SET status = $3, last_error_code = 'BENCH', updated_at = now()
+        WHERE domain = $1 AND command_id = $2
+    """
+    for table in ("bench_bare", "bench_watched")
+}
+
+
+async def copies_of_the_command_table(conn: Conn, domain: str, ids: Sequence[UUID]) -> None:
+    """Two copies of commandbus.command with the same rows: `bench_bare` without triggers,
+    `bench_watched` with tsq's parking trigger (in the bench's own database)."""
+    await conn.execute(_COPIES)
+    for statement in _FILL.values():
+        await conn.execute(statement, domain, list(ids))
+
+
+async def bus_update(
+    conn: Conn, *, watched: bool, domain: str, command_id: UUID, status: str
+) -> None:
+    """The bus's UPDATE of one command's status, on one of the copies, its own transaction."""
+    await conn.execute(
+        _BUS_UPDATE["bench_watched" if watched else "bench_bare"], domain, command_id, status
+    )

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -160,63 +159,75 @@ class Watcher:
                     await asyncio.wait_for(self._wake.wait(), POLL_S)
 
     async def drain(self) -> int:
-        """Claim a batch of parkings with work and do it; returns how many were claimed."""
+        """Claim a batch of parkings with work and do it; returns how many were claimed.
+
+        The database work is a few statements per batch; what is left per parking is its one
+        call to Temporal (a start or a signal), many at once.
+        """
         rows = await store.claim_parkings(self.pool, lease_s=LEASE_S, limit=BATCH)
-        await asyncio.gather(*(self._guarded(self._work, row) for row in rows))
+        if not rows:
+            return 0
+        commands = await store.commands_of(
+            self.pool, [(r["domain"], r["command_id"]) for r in rows if r["todo"] == "start"]
+        )
+        outcomes = await asyncio.gather(
+            *(self._work(row, commands.get((row["domain"], row["command_id"]))) for row in rows)
+        )
+        started = [row["parking_id"] for row, outcome in zip(rows, outcomes, strict=True)
+                   if outcome == "started"]  # fmt: skip
+        for parking in await store.left_among(self.pool, started):
+            # Decided while its start was on its way: the new run must look.
+            await self._guarded_tell(workflow_id(parking["domain"], parking["command_id"]))
+        await store.finish_todos(
+            self.pool,
+            [
+                (row["parking_id"], row["todo_seq"], outcome.removeprefix("done:") or None)
+                for row, outcome in zip(rows, outcomes, strict=True)
+                if outcome == "started" or outcome.startswith("done:")
+            ],
+        )
         return len(rows)
 
-    async def _guarded(self, work: Callable[[Any], Awaitable[None]], row: Any) -> None:
-        async with self._gate:
-            try:
-                await work(row)
-            except _DATABASE_ERRORS as err:
-                # The claim expires and the row is taken again.
-                log.warning("watcher: parking %s: %s", row["parking_id"], one_line(err))
-
-    async def _work(self, row: asyncpg.Record) -> None:
+    async def _work(self, row: asyncpg.Record, command: asyncpg.Record | None) -> str:
+        """Do one parking's work: "started", "done:" (with a problem when it can never be
+        done), or "later" (the row was set to be tried again)."""
         pid, seq = row["parking_id"], row["todo_seq"]
         wid = workflow_id(row["domain"], row["command_id"])
-        try:
-            if row["todo"] == "tell":
-                await self._tell(wid)
-                if self.metrics and row["left_at"] is not None:
-                    self.metrics.drifted(_age(row["left_at"]))
-            elif await self._start(row) and self.metrics:
-                self.metrics.discovered(_age(row["parked_at"]))
-        except StaleParkingError as err:
-            # The earlier run was asked to end; its successor starts once it has.
-            await store.retry_todo(self.pool, pid, seq, after_s=1.0, problem=str(err))
-            return
-        except InvalidInputError as err:
-            problem = f"skipped: {err}"
-            log.warning("watcher: %s", problem)
-            if self.metrics:
-                self.metrics.skipped(row["domain"])
-            await store.finish_todo(self.pool, pid, seq, problem=problem)
-            return
-        except _TEMPORAL_ERRORS as err:
-            after = _backoff(row["attempts"])
-            log.warning("watcher: %s: %s; again in %.0fs", wid, one_line(err), after)
-            await store.retry_todo(self.pool, pid, seq, after_s=after, problem=one_line(err))
-            return
-        await store.finish_todo(self.pool, pid, seq)
-
-    async def _start(self, parking: asyncpg.Record) -> bool:
-        """Start the parking's workflow if it has none; True if this call started it."""
-        row = await store.command(self.pool, parking["domain"], parking["command_id"])
-        if (
-            row is None
-            or row["status"] != CommandStatus.IN_TROUBLESHOOTING_QUEUE
-            or row["parking_id"] != parking["parking_id"]
-        ):
-            return False  # it left already; its "tell" follows when it matters
-        started = await self.client.ensure_started(snapshot(row))
-        if started:
-            now = await store.parking(self.pool, parking["parking_id"])
-            if now is not None and now["left_at"] is not None:
-                # Decided while this start was on its way: the new run must look.
-                await self._tell(workflow_id(row["domain"], row["command_id"]))
-        return started
+        async with self._gate:
+            try:
+                if row["todo"] == "tell":
+                    await self._tell(wid)
+                    if self.metrics and row["left_at"] is not None:
+                        self.metrics.drifted(_age(row["left_at"]))
+                    return "done:"
+                if (
+                    command is None
+                    or command["status"] != CommandStatus.IN_TROUBLESHOOTING_QUEUE
+                    or command["parking_id"] != pid
+                ):
+                    return "done:"  # it left already; its "tell" follows when it matters
+                if not await self.client.ensure_started(snapshot(command), record=False):
+                    return "done:"
+                if self.metrics:
+                    self.metrics.discovered(_age(row["parked_at"]))
+                return "started"
+            except StaleParkingError as err:
+                # The earlier run was asked to end; its successor starts once it has.
+                await store.retry_todo(self.pool, pid, seq, after_s=1.0, problem=str(err))
+            except InvalidInputError as err:
+                problem = f"skipped: {err}"
+                log.warning("watcher: %s", problem)
+                if self.metrics:
+                    self.metrics.skipped(row["domain"])
+                return f"done:{problem}"
+            except _TEMPORAL_ERRORS as err:
+                after = _backoff(row["attempts"])
+                log.warning("watcher: %s: %s; again in %.0fs", wid, one_line(err), after)
+                await store.retry_todo(self.pool, pid, seq, after_s=after, problem=one_line(err))
+            except _DATABASE_ERRORS as err:
+                # The claim expires and the row is taken again.
+                log.warning("watcher: parking %s: %s", pid, one_line(err))
+        return "later"
 
     async def _tell(self, wid: str) -> None:
         try:

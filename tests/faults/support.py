@@ -405,7 +405,7 @@ async def verify_exactly_once(
             figures.decisions_completed += 1
         res = results[cid]
         if isinstance(res, DecisionOutcome) and not later_runs:
-            if not res.carried_out or res.decision.value != decision.name:
+            if not res.carried_out or res.decision is None or res.decision.value != decision.name:
                 wrong.append(f"{cid}: the workflow says {res.decision}: {res.detail}")
     if seeded.batch_id is not None:
         wrong += await _batch_problems(db, seeded, per_command)

@@ -29,7 +29,8 @@ BIG_SIZE = 1_900_000
 
 
 async def refused_count(handle: WorkflowHandle[Any, Any]) -> int:
-    return (await handle.query("state", result_type=StateView)).refused_count
+    state: StateView = await handle.query("state", result_type=StateView)
+    return state.refused_count
 
 
 async def send_all(handle: WorkflowHandle[Any, Any], count: int, payload: Any) -> None:
@@ -139,7 +140,7 @@ async def test_oversized_signals_leave_the_command_a_decidable_workflow(
 
     async def decidable() -> bool:
         try:
-            state = await handle.query("state", result_type=StateView)
+            state: StateView = await handle.query("state", result_type=StateView)
         except Exception:
             return False
         return state.state.value == "AWAITING_OPERATOR"

@@ -37,6 +37,10 @@ async def running_run(temporal: Client, domain: str, cid: uuid.UUID) -> str | No
     return described.run_id if described.status is WorkflowExecutionStatus.RUNNING else None
 
 
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
 async def resent(db: asyncpg.Pool, domain: str, cid: uuid.UUID) -> int:
     """Messages of the command waiting in its queue: each retry sends the original again."""
     return (await message_counts(db, f"{domain}__commands")).get(str(cid), 0)
@@ -57,6 +61,7 @@ async def test_reset_of_an_old_run_does_not_decide_the_new_parking(
     domain, [cid] = seeded.domain, seeded.ids
     handle = handle_of(temporal_client, domain, cid)
     first = await assert_eventually(lambda: running_run(temporal_client, domain, cid))
+    assert first is not None
     await handle.signal("retry", {"operator": "jane"})
     await assert_eventually(lambda: status_of(db, domain, cid), lambda s: s == "PENDING")
     await park_as_bus(db, domain, cid)
@@ -65,15 +70,12 @@ async def test_reset_of_an_old_run_does_not_decide_the_new_parking(
     )
 
     reset = await asyncio.to_thread(
-        subprocess.run,
+        _run,
         [
             *(temporal_cli(), "workflow", "reset", "--workflow-id", handle.id),
             *("--run-id", first, "--type", "FirstWorkflowTask", "--reason", "careless"),
             *("--address", temporal_dev.address, "--yes"),
         ],
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert reset.returncode == 0, reset.stderr
     figures.fault("reset of a decided run after its command was parked again")

@@ -32,7 +32,9 @@ def _tsq_command() -> list[str]:
 
 async def test_bench_decides_every_command_exactly_once(settings: Settings) -> None:
     """Every phase, the waiting one included, leaves one reply, audit and decision per command."""
-    config = BenchConfig(commands=20, concurrency=5, waiting=5, probes=3, idle_seconds=1)
+    config = BenchConfig(
+        commands=20, concurrency=5, waiting=5, discovery=10, probes=3, idle_seconds=1
+    )
     result = await run_bench(config, settings)
 
     assert result["exactly_once"] is True, result["checks"]
@@ -46,6 +48,7 @@ async def test_bench_decides_every_command_exactly_once(settings: Settings) -> N
         "direct_sql",
         "waiting_decide",
         "waiting_running",
+        "discovery",
     }
     # The 20 decided in bulk and the 3 decided one at a time.
     assert result["checks"]["tsq_decide"]["replies"] == 23
@@ -56,6 +59,9 @@ async def test_bench_decides_every_command_exactly_once(settings: Settings) -> N
     assert result["worker_idle_cpu_pct"] >= 0
     assert result["machine"]["cores"] >= 1 and result["machine"]["memory_gb"] > 0
     assert result["ratios"]["decisions_vs_bare"] > 0
+    assert result["checks"]["discovery"] == {"expected": 10, "ok": True, "found": 10, "closed": 10}
+    assert 0 < result["discovery_p50_s"] <= result["discovery_p99_s"]
+    assert result["ratios"]["trigger_park_update"] > 0
     json.dumps(result)
 
 
@@ -73,6 +79,8 @@ async def test_bench_cli_prints_json_last(settings: Settings) -> None:
         "--commands",
         "10",
         "--concurrency",
+        "5",
+        "--discovery",
         "5",
         "--json",
         env=env,

@@ -33,7 +33,8 @@ from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STA
 
 
 async def _state(temporal: Client, wid: str) -> StateView:
-    return await temporal.get_workflow_handle(wid).query("state", result_type=StateView)
+    state: StateView = await temporal.get_workflow_handle(wid).query("state", result_type=StateView)
+    return state
 
 
 async def _waiting(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> tuple[str, uuid.UUID, str]:
