@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from tsq.db import ensure_queue, migrate
+from tsq.db import migrate
 from tsq.devstack import TemporalDevServer, temporal_cli
 from tsq.settings import with_database
+from tsq.store import ensure_queue
 
 T = TypeVar("T")
 

@@ -19,6 +19,7 @@ from temporalio.service import RPCError
 
 from tsq import bulk, render
 from tsq.client import TroubleshootingClient
+from tsq.contract import DECISIONS, DecisionKind
 from tsq.errors import CommandLineError, InvalidInputError, TroubleshootingError
 from tsq.settings import Settings
 
@@ -292,11 +293,12 @@ def _add_filters(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
 
 
 def _decision_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, effect: str
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], kind: DecisionKind
 ) -> argparse.ArgumentParser:
+    name = kind.value
     p = sub.add_parser(
         name,
-        help=f"{name} commands in the troubleshooting queue: {effect}",
+        help=f"{name} commands in the troubleshooting queue: {DECISIONS[kind].effect}",
         description=f"{name.capitalize()} one command, or many: leave COMMAND_ID out and select "
         "them with filters, --stdin or --all. Exits 0 only if every decision was carried out.",
     )
@@ -376,10 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?", help="only this domain")
     p.set_defaults(run=_sync)
 
-    p = _decision_parser(sub, "cancel", "status CANCELED, CANCELED reply with the reason")
+    p = _decision_parser(sub, DecisionKind.CANCEL)
     p.add_argument("--reason", required=True, help="why (sent in the reply, kept in the audit)")
-    _decision_parser(sub, "retry", "send the original message again; status PENDING")
-    p = _decision_parser(sub, "complete", "status COMPLETED, SUCCESS reply with --result-data")
+    _decision_parser(sub, DecisionKind.RETRY)
+    p = _decision_parser(sub, DecisionKind.COMPLETE)
     p.add_argument(
         "--result-data", metavar="JSON", help="a JSON object (or null) sent as the reply's data"
     )

@@ -9,8 +9,7 @@ from importlib.resources import files
 
 import asyncpg
 
-from tsq.errors import InvalidInputError, InvalidOperationError
-from tsq.models import QUEUE_NAME_RE
+from tsq.errors import InvalidOperationError
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +39,6 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
-
-
-def check_queue_name(name: str) -> str:
-    """A PGMQ queue name becomes part of table names: refuse anything but a plain identifier."""
-    if not QUEUE_NAME_RE.fullmatch(name):
-        raise InvalidInputError(
-            f"{name!r} is not a valid PGMQ queue name (letters, digits and _, "
-            "starting with a letter or _, at most 47 characters)"
-        )
-    return name
 
 
 # Applied in this order, each once, recorded in tsq.migration; never edited once released.
@@ -145,10 +134,3 @@ async def migrate(dsn: str, *, worker_role: str | None = None) -> MigrationRepor
         await conn.close()
     log.info("database migrated: %s (pgmq: %s)", ", ".join(pending) or "up to date", pgmq)
     return MigrationReport(pending, pgmq, worker_role)
-
-
-async def ensure_queue(conn: asyncpg.Connection, queue: str) -> None:
-    """Create a PGMQ queue unless one of that name (in any letter case) exists."""
-    check_queue_name(queue)
-    if await conn.fetchval("SELECT tsq.queue_named($1)", queue) is None:
-        await conn.execute("SELECT pgmq.create($1)", queue)

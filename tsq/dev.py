@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
+from tsq import store
 from tsq.client import TroubleshootingClient
-from tsq.contract import CommandStatus
-from tsq.db import create_pool, ensure_queue, migrate
+from tsq.db import create_pool, migrate
 from tsq.devstack import embedded_postgres, start_temporal
 from tsq.settings import Settings, redact_url
 from tsq.temporal import connect
@@ -44,7 +44,6 @@ def _check_port_free(port: int, what: str, flag: str) -> None:
 
 async def seed_demo(client: TroubleshootingClient) -> None:
     """Send a few commands as a command bus would, then park them as its worker would."""
-    queue = f"{DEMO_DOMAIN}__commands"
     replies = f"{DEMO_DOMAIN}__replies"
     for command_type, error_type, code, message, has_reply in DEMO_COMMANDS:
         command_id, correlation_id = uuid.uuid4(), uuid.uuid4()
@@ -57,35 +56,15 @@ async def seed_demo(client: TroubleshootingClient) -> None:
         }
         if has_reply:
             body["reply_to"] = replies
-        async with client.pool.acquire() as conn, conn.transaction():
-            await ensure_queue(conn, queue)
-            await ensure_queue(conn, replies)
-            msg_id = await conn.fetchval(
-                "SELECT * FROM pgmq.send($1::text, $2::jsonb)", queue, body
-            )
-            await conn.execute(
-                """
-                INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id,
-                    command_type, status, attempts, max_attempts, reply_queue, correlation_id)
-                VALUES ($1, $2, $3, $4, $5, 'IN_PROGRESS', 3, 3, $6, $7)
-                """,
-                DEMO_DOMAIN,
-                queue,
-                msg_id,
-                command_id,
-                command_type,
-                replies if has_reply else "",
-                correlation_id,
-            )
-            await conn.execute(
-                """
-                INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-                VALUES ($1, $2, 'SENT', $3)
-                """,
-                DEMO_DOMAIN,
-                command_id,
-                {"command_type": command_type, "msg_id": msg_id},
-            )
+        await store.send_command(
+            client.pool,
+            DEMO_DOMAIN,
+            command_id,
+            command_type=command_type,
+            correlation_id=correlation_id,
+            body=body,
+            reply_queue=replies if has_reply else "",
+        )
         await client.move_to_troubleshooting(
             DEMO_DOMAIN, command_id, error_type=error_type, error_code=code, error_message=message
         )
@@ -167,20 +146,14 @@ async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
             if args.demo:
                 temporal = await connect(settings)
                 client = TroubleshootingClient(temporal, pool, task_queue=settings.task_queue)
-                if not await pool.fetchval(
-                    "SELECT count(*) FROM commandbus.command WHERE domain = $1", DEMO_DOMAIN
-                ):
+                if not await store.has_commands(pool, DEMO_DOMAIN):
                     await seed_demo(client)
-            waiting = await pool.fetch(
-                """
-                SELECT command_id FROM commandbus.command WHERE domain = $1 AND status = $2
-                ORDER BY updated_at LIMIT 3
-                """,
-                DEMO_DOMAIN,
-                CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
-            )
+            waiting = await client.waiting_ids(DEMO_DOMAIN)
         finally:
             await pool.close()
-        ids = [str(r["command_id"]) for r in waiting]
+        ids = [str(cid) for cid in waiting[:3]]
         print(_banner(settings, ui_url, ids, embedded_db), flush=True)
+        if ui_url:
+            # Notifications (TSQ_NOTIFY_URL) link to this Web UI unless told otherwise.
+            os.environ.setdefault("TSQ_WEB_UI_URL", ui_url)
         await run_worker(settings, signals=STOP_SIGNALS)

@@ -23,9 +23,20 @@ from pydantic import (
 )
 
 from tsq.contract import DOMAIN_PATTERN, DecisionKind, TsqState
+from tsq.errors import InvalidInputError
 
 # PGMQ keeps each queue in tables named q_<name> / a_<name>; it refuses names of 48+ characters.
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,46}$")
+
+
+def check_queue_name(name: str) -> str:
+    """A PGMQ queue name becomes part of table names: refuse anything but a plain identifier."""
+    if not QUEUE_NAME_RE.fullmatch(name):
+        raise InvalidInputError(
+            f"{name!r} is not a valid PGMQ queue name (letters, digits and _, "
+            "starting with a letter or _, at most 47 characters)"
+        )
+    return name
 
 
 # Deeper JSON than this is refused: PostgreSQL and the converters stop somewhere past it, and

@@ -14,7 +14,7 @@ from uuid import UUID
 import asyncpg
 
 from tsq.contract import AuditEventType, CommandStatus
-from tsq.models import DecisionOutcome, Observe, Observed
+from tsq.models import DecisionOutcome, Observe, Observed, check_queue_name
 
 # An asyncpg Connection or Pool (asyncpg ships no type hints).
 Conn = Any
@@ -181,6 +181,16 @@ async def command_with_payload(conn: Conn, domain: str, command_id: UUID) -> asy
     return row
 
 
+# The filters of `tsq list` and of a selection of many: parameters $1 to $6.
+_WAITING = """
+    c.domain = $1 AND c.status = $2
+    AND ($3::text IS NULL OR c.command_type = $3)
+    AND ($4::text IS NULL OR c.last_error_code = $4)
+    AND ($5::timestamptz IS NULL OR c.updated_at >= $5)
+    AND ($6::timestamptz IS NULL OR c.updated_at < $6)
+"""
+
+
 async def waiting(
     conn: Conn,
     domain: str,
@@ -194,14 +204,10 @@ async def waiting(
 ) -> list[asyncpg.Record]:
     """Commands in the troubleshooting queue, newest first, with their original message."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        """
+        f"""
         SELECT c.*, m.message AS payload FROM commandbus.command c
         LEFT JOIN LATERAL tsq.original_message(c.domain, c.command_id) m ON true
-        WHERE c.domain = $1 AND c.status = $2
-          AND ($3::text IS NULL OR c.command_type = $3)
-          AND ($4::text IS NULL OR c.last_error_code = $4)
-          AND ($5::timestamptz IS NULL OR c.updated_at >= $5)
-          AND ($6::timestamptz IS NULL OR c.updated_at < $6)
+        WHERE {_WAITING}
         ORDER BY c.updated_at DESC, c.command_id
         LIMIT $7 OFFSET $8
         """,
@@ -229,14 +235,10 @@ async def waiting_ids(
     """Every matching command id in one snapshot, oldest parked first: a selection that others
     deciding meanwhile cannot shift."""
     rows = await conn.fetch(
-        """
-        SELECT command_id FROM commandbus.command
-        WHERE domain = $1 AND status = $2
-          AND ($3::text IS NULL OR command_type = $3)
-          AND ($4::text IS NULL OR last_error_code = $4)
-          AND ($5::timestamptz IS NULL OR updated_at >= $5)
-          AND ($6::timestamptz IS NULL OR updated_at < $6)
-        ORDER BY updated_at, command_id
+        f"""
+        SELECT c.command_id FROM commandbus.command c
+        WHERE {_WAITING}
+        ORDER BY c.updated_at, c.command_id
         """,
         domain,
         TSQ,
@@ -627,6 +629,61 @@ async def waiting_groups(conn: Conn, domain: str | None) -> list[asyncpg.Record]
 
 
 # -- the benchmark and the demo, acting as a command bus -------------------------------------
+
+
+async def ensure_queue(conn: Conn, queue: str) -> None:
+    """Create a PGMQ queue unless one of that name (in any letter case) exists."""
+    await conn.execute(
+        "SELECT pgmq.create($1) WHERE tsq.queue_named($1) IS NULL", check_queue_name(queue)
+    )
+
+
+async def has_commands(conn: Conn, domain: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM commandbus.command WHERE domain = $1)", domain
+        )
+    )
+
+
+async def send_command(
+    pool: asyncpg.Pool,
+    domain: str,
+    command_id: UUID,
+    *,
+    command_type: str,
+    correlation_id: UUID,
+    body: dict[str, Any],
+    reply_queue: str,
+) -> None:
+    """One command as a bus sends it: its message in `<domain>__commands`, its row
+    IN_PROGRESS, a SENT audit row; in one transaction."""
+    queue = f"{domain}__commands"
+    async with pool.acquire() as c, c.transaction():
+        await ensure_queue(c, queue)
+        if reply_queue:
+            await ensure_queue(c, reply_queue)
+        await c.execute(
+            """
+            WITH sent AS (SELECT * FROM pgmq.send($2::text, $8::jsonb) AS msg_id),
+            command AS (
+                INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id,
+                    command_type, status, attempts, max_attempts, reply_queue, correlation_id)
+                SELECT $1, $2, msg_id, $3, $4, 'IN_PROGRESS', 3, 3, $5, $6 FROM sent
+            )
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            SELECT $1, $3, $7, jsonb_build_object('command_type', $4::text, 'msg_id', msg_id)
+            FROM sent
+            """,
+            domain,
+            queue,
+            command_id,
+            command_type,
+            reply_queue,
+            correlation_id,
+            "SENT",
+            body,
+        )
 
 
 async def send_commands(

@@ -22,8 +22,8 @@ from tests.faults.figures import Figures
 from tests.helpers import seed_command
 from tsq.client import TroubleshootingClient
 from tsq.contract import workflow_id
-from tsq.db import ensure_queue
 from tsq.models import DecisionOutcome, StateView
+from tsq.store import ensure_queue
 
 WORKER_ROLE = "tsq_worker"
 # The worker role's password: the secret the suite hunts for in logs, attributes and details.

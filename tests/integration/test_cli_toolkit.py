@@ -25,8 +25,8 @@ from tests.helpers import (
     status_of,
 )
 from tsq import TroubleshootingClient
-from tsq.db import ensure_queue
 from tsq.settings import Settings
+from tsq.store import ensure_queue
 from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem
 
 TSQ = str(Path(sys.executable).parent / "tsq")

@@ -9,13 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from tsq.contract import TsqState, workflow_id
-from tsq.db import check_queue_name
 from tsq.errors import InvalidInputError
 from tsq.models import (
     CancelRequest,
     CommandSnapshot,
     RefusedRequest,
     StateView,
+    check_queue_name,
     describe_input,
 )
 from tsq.settings import Settings, redact_url

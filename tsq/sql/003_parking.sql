@@ -148,33 +148,9 @@ BEGIN
 END;
 $fn$;
 
-CREATE OR REPLACE FUNCTION tsq.archived_message(p_queue TEXT, p_msg_id BIGINT, p_command_id UUID)
-RETURNS JSONB LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    v_table TEXT;
-    v_message JSONB;
-BEGIN
-    IF p_queue IS NULL OR p_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
-        RETURN NULL;
-    END IF;
-    v_table := pgmq.format_table_name(p_queue, 'a');
-    IF to_regclass(format('pgmq.%I', v_table)) IS NULL THEN
-        RETURN NULL;
-    END IF;
-    IF p_msg_id IS NOT NULL THEN
-        EXECUTE format('SELECT message FROM pgmq.%I WHERE msg_id = $1', v_table)
-            INTO v_message USING p_msg_id;
-    END IF;
-    IF v_message IS NULL THEN
-        EXECUTE format(
-            'SELECT message FROM pgmq.%I WHERE message->>''command_id'' = $1 '
-            'ORDER BY msg_id DESC LIMIT 1', v_table)
-            INTO v_message USING p_command_id::text;
-    END IF;
-    RETURN v_message;
-END;
-$fn$;
+-- The archive tables belong to the schema owner: read them as the owner.
+ALTER FUNCTION tsq.archived_message(TEXT, BIGINT, UUID)
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- The original message of a command, for a retry: from its queue's PGMQ archive, else from
 -- commandbus.payload_archive. NULL when neither has it.
