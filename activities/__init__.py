@@ -24,6 +24,7 @@ from tsq.models import (
     DecisionOutcome,
     Observe,
     Observed,
+    RecordEvent,
     RecordRefusal,
     RecordRefusals,
     RefusedRequest,
@@ -116,6 +117,17 @@ class TroubleshootingActivities:
             # The refusal stays in the workflow's state and details; a refusal that cannot be
             # recorded must not keep the workflow busy, nor fail it.
             log.warning("refusals of command %s not recorded: %s", command_id, err)
+
+    @activity.defn(name=Activity.RECORD_EVENT)
+    async def record_event(self, req: RecordEvent) -> None:
+        """One of the workflow's own events (escalated, snoozed, retry scheduled ...), once."""
+        try:
+            await store.record_event(self._pool, req)
+        except asyncpg.PostgresError as err:
+            refusal = permanent(err)
+            if refusal is None:
+                raise
+            raise refusal from None
 
     @activity.defn(name=Activity.OBSERVE)
     async def observe(self, req: Observe) -> Observed:

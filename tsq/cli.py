@@ -20,6 +20,7 @@ from temporalio.service import RPCError
 from tsq import bulk, render
 from tsq.client import TroubleshootingClient
 from tsq.contract import DECISIONS, DecisionKind
+from tsq.durations import parse_duration
 from tsq.errors import CommandLineError, InvalidInputError, TroubleshootingError
 from tsq.settings import Settings
 
@@ -59,6 +60,31 @@ def _filters(args: argparse.Namespace) -> bulk.Filters:
         "since": _timestamp(args.since, "--since"),
         "until": _timestamp(args.until, "--until"),
     }
+
+
+def _not_before(args: argparse.Namespace) -> datetime | None:
+    """`--at` (ISO 8601 with its offset) or `--in` (a duration from now)."""
+    if args.at and args.in_:
+        raise InvalidInputError("--at and --in both say when: give one")
+    if args.in_:
+        return datetime.now(UTC) + parse_duration(args.in_, "--in")
+    if not args.at:
+        return None
+    try:
+        at = datetime.fromisoformat(args.at)
+    except ValueError:
+        raise InvalidInputError(
+            f"--at {args.at!r} is not an ISO 8601 time (e.g. 2026-12-02T06:00Z)"
+        ) from None
+    if at.tzinfo is None:
+        # A retry runs at one moment for everyone: a time without its zone is refused, not
+        # guessed.
+        raise InvalidInputError(
+            f"--at {args.at!r} has no time zone: add Z (UTC) or an offset such as +01:00"
+        )
+    if at <= datetime.now(UTC):
+        raise InvalidInputError(f"--at {args.at!r} is in the past: leave it out to retry now")
+    return at
 
 
 def _result_data(text: str | None) -> dict[str, Any] | None:
@@ -186,6 +212,57 @@ async def _show(args: argparse.Namespace, settings: Settings) -> None:
     print(details.model_dump_json() if args.json else render.command_details(details))
 
 
+async def _snooze(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        state = await client.snooze(
+            args.domain, args.command_id, args.for_, args.reason, operator=args.operator
+        )
+    if args.json:
+        print(state.model_dump_json())
+        return
+    print(f"{args.command_id}: snoozed for {args.for_}; " + render.deadlines(state))
+
+
+async def _unschedule(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        state = await client.unschedule(
+            args.domain, args.command_id, operator=args.operator, reason=args.reason
+        )
+    print(state.model_dump_json() if args.json else f"{args.command_id}: waits again")
+
+
+async def _policy(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        if args.action == "set":
+            policy = await client.set_policy(
+                args.domain,
+                args.name,
+                command_type=args.type,
+                error_code=args.error_code,
+                escalate_after=args.escalate_after,
+                expire_after=args.expire_after,
+                expire_decision=args.expire_decision,
+                reason=args.reason,
+                result_data=_result_data(args.result_data),
+                operator=args.operator,
+            )
+            print(policy.model_dump_json() if args.json else render.policy(policy))
+        elif args.action == "list":
+            policies = await client.policies(args.domain)
+            if args.json:
+                print(json.dumps([p.model_dump(mode="json") for p in policies]))
+            elif policies:
+                print(render.policy_table(policies))
+            else:
+                print(f"no policy in domain {args.domain}: its commands wait until decided")
+        elif args.action == "show":
+            policy = await client.policy(args.domain, args.name)
+            print(policy.model_dump_json() if args.json else render.policy(policy))
+        else:
+            await client.delete_policy(args.domain, args.name, operator=args.operator)
+            print(f"policy {args.name} of {args.domain} deleted")
+
+
 async def _groups(args: argparse.Namespace, settings: Settings) -> None:
     async with await TroubleshootingClient.connect(settings) as client:
         groups = await client.groups(args.domain)
@@ -221,7 +298,10 @@ def _decider(
         reason: str = args.reason
         return lambda cid: client.operator_cancel(domain, cid, reason, operator=operator, wait=wait)
     if args.command == "retry":
-        return lambda cid: client.operator_retry(domain, cid, operator=operator, wait=wait)
+        not_before = _not_before(args)
+        return lambda cid: client.operator_retry(
+            domain, cid, operator=operator, not_before=not_before, wait=wait
+        )
     return lambda cid: client.operator_complete(
         domain, cid, result_data=result_data, operator=operator, wait=wait
     )
@@ -326,6 +406,38 @@ def _decision_parser(
     return p
 
 
+def _policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "policy",
+        help="what happens to commands nobody decides: escalate, expire (set|list|show|delete)",
+        description="Policies of a domain, narrowed by command type and/or error code (the most "
+        "specific match wins): escalate after a while, expire after a while with a decision. "
+        "Durations: 90s, 15m, 2h, 7d. Every change is audited and reaches waiting workflows.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = actions.add_parser("set", help="create or replace a policy")
+    s.add_argument("domain")
+    s.add_argument("--name", required=True)
+    s.add_argument("--type", metavar="T", help="only commands of this type")
+    s.add_argument("--error-code", metavar="C", help="only commands with this error code")
+    s.add_argument("--escalate-after", metavar="DUR", help="escalate when undecided this long")
+    s.add_argument("--expire-after", metavar="DUR", help="decide by the policy when this long")
+    s.add_argument("--expire-decision", choices=["cancel", "complete"])
+    s.add_argument("--reason", help="the cancel's reason (with --expire-decision cancel)")
+    s.add_argument(
+        "--result-data", metavar="JSON", help="the complete's data (--expire-decision complete)"
+    )
+    for name in ("list", "show", "delete"):
+        a = actions.add_parser(name, help=f"{name} {'policies' if name == 'list' else 'a policy'}")
+        a.add_argument("domain")
+        if name != "list":
+            a.add_argument("name")
+    for a in actions.choices.values():
+        a.add_argument("--operator", default=_default_operator(), help="who (default: you)")
+        a.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_policy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsq",
@@ -380,7 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _decision_parser(sub, DecisionKind.CANCEL)
     p.add_argument("--reason", required=True, help="why (sent in the reply, kept in the audit)")
-    _decision_parser(sub, DecisionKind.RETRY)
+    p = _decision_parser(sub, DecisionKind.RETRY)
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--at", metavar="ISO", help="retry at this time (ISO 8601 with its zone: ...Z or +01:00)"
+    )
+    when.add_argument("--in", dest="in_", metavar="DUR", help="retry after this long (30m, 2h)")
     p = _decision_parser(sub, DecisionKind.COMPLETE)
     p.add_argument(
         "--result-data", metavar="JSON", help="a JSON object (or null) sent as the reply's data"
@@ -399,6 +516,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command_id")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_show)
+
+    p = sub.add_parser("snooze", help="move a command's escalation and expiry later (audited)")
+    p.add_argument("domain")
+    p.add_argument("command_id")
+    p.add_argument("--for", dest="for_", required=True, metavar="DUR", help="how much later: 2h")
+    p.add_argument("--reason", required=True, help="why (kept in the audit)")
+    p.add_argument("--operator", default=_default_operator(), help="who (default: you)")
+    p.add_argument("--json", action="store_true", help="print the state as JSON")
+    p.set_defaults(run=_snooze)
+
+    p = sub.add_parser("unschedule", help="drop a retry scheduled for later; the command waits")
+    p.add_argument("domain")
+    p.add_argument("command_id")
+    p.add_argument("--reason", help="why (kept in the audit)")
+    p.add_argument("--operator", default=_default_operator(), help="who (default: you)")
+    p.add_argument("--json", action="store_true", help="print the state as JSON")
+    p.set_defaults(run=_unschedule)
+
+    _policy_parser(sub)
 
     p = sub.add_parser(
         "groups", help="what waits, by error code and command type: counts, oldest, newest"

@@ -44,12 +44,14 @@ from tsq.contract import (
     workflow_id,
 )
 from tsq.db import create_pool
+from tsq.durations import LONGEST, parse_duration
 from tsq.errors import (
     ERROR_TYPES,
     AlreadyDecidedError,
     CommandNotFoundError,
     InvalidInputError,
     InvalidOperationError,
+    NotFoundError,
     StaleParkingError,
     TroubleshootingError,
 )
@@ -58,12 +60,22 @@ from tsq.models import (
     CommandSnapshot,
     DecisionOutcome,
     DecisionRequest,
+    Policy,
+    SnoozeRequest,
     StateView,
+    UnscheduleRequest,
     describe_validation_error,
 )
 from tsq.settings import Settings
 from tsq.temporal import connect
-from tsq.views import AuditEvent, CommandDetails, LastError, TroubleshootingItem, WaitingGroup
+from tsq.views import (
+    AuditEvent,
+    CommandDetails,
+    LastError,
+    PolicyView,
+    TroubleshootingItem,
+    WaitingGroup,
+)
 from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
 from tsq.workflows.details import render_static_details, render_summary
 
@@ -128,6 +140,7 @@ def snapshot(row: asyncpg.Record) -> CommandSnapshot:
             created_at=row["created_at"],
             parked_at=row["updated_at"],
             parking_id=row["parking_id"],
+            policy=store.policy_of(row["policy"]),
         )
     except ValidationError as err:
         raise InvalidInputError(
@@ -182,6 +195,60 @@ def _from_update_failure(err: WorkflowUpdateFailedError) -> TroubleshootingError
     if isinstance(cause, ApplicationError):
         return ERROR_TYPES.get(cause.type or "", InvalidOperationError)(cause.message)
     return InvalidOperationError(str(err.cause or err))
+
+
+def _aware(value: datetime, what: str) -> str:
+    if value.tzinfo is None:
+        raise InvalidInputError(f"{what} {value.isoformat()} has no time zone")
+    return value.isoformat()
+
+
+def policy_input(
+    name: str,
+    *,
+    escalate_after: timedelta | str | None,
+    expire_after: timedelta | str | None,
+    expire_decision: str | None,
+    reason: str | None,
+    result_data: dict[str, Any] | None,
+) -> Policy:
+    """A policy as given by a person: each problem named after the option it came from."""
+    durations = {}
+    for option, value in (("escalate_after", escalate_after), ("expire_after", expire_after)):
+        if isinstance(value, str):
+            durations[option] = parse_duration(value, option.replace("_", "-"))
+        elif isinstance(value, timedelta):
+            if not timedelta(0) < value <= LONGEST:
+                raise InvalidInputError(
+                    f"{option} {value} must be above zero and at most ten years"
+                )
+            durations[option] = value
+    if (expire_decision is None) != ("expire_after" not in durations):
+        raise InvalidInputError("expire-after and expire-decision go together")
+    if expire_decision not in (None, "cancel", "complete"):
+        raise InvalidInputError(
+            f"expire-decision {expire_decision!r} is neither cancel nor complete"
+        )
+    if expire_decision == "cancel" and not (reason and reason.strip()):
+        raise InvalidInputError("a policy that cancels needs --reason (sent in the reply)")
+    if expire_decision != "cancel" and reason is not None:
+        raise InvalidInputError("--reason goes with --expire-decision cancel")
+    if expire_decision != "complete" and result_data is not None:
+        raise InvalidInputError("--result-data goes with --expire-decision complete")
+    if not durations:
+        raise InvalidInputError("a policy needs escalate-after, expire-after, or both")
+    try:
+        return Policy.model_validate(
+            {
+                "name": name,
+                **durations,
+                "expire_decision": expire_decision,
+                "expire_reason": reason,
+                "expire_result_data": result_data,
+            }
+        )
+    except ValidationError as err:
+        raise _input_error(err) from None
 
 
 def _decision_doc(kind: DecisionKind, returns: str) -> str:
@@ -272,13 +339,20 @@ class TroubleshootingClient:
         command_id: str | UUID,
         *,
         operator: str | None = None,
+        not_before: datetime | None = None,
         wait: bool = True,
     ) -> DecisionOutcome | None:
-        return await self._decide(
-            DecisionKind.RETRY, domain, command_id, {"operator": operator}, wait=wait
-        )
+        fields: dict[str, Any] = {"operator": operator}
+        if not_before is not None:
+            fields["not_before"] = _aware(not_before, "not_before")
+        return await self._decide(DecisionKind.RETRY, domain, command_id, fields, wait=wait)
 
-    operator_retry.__doc__ = _decision_doc(DecisionKind.RETRY, _RETURNS)
+    operator_retry.__doc__ = _decision_doc(
+        DecisionKind.RETRY,
+        _RETURNS
+        + " With `not_before` (a time with its zone, in the future) the retry waits until then:"
+        " the outcome says when (`scheduled_for`); any other decision before it replaces it.",
+    )
 
     async def operator_complete(
         self,
@@ -382,6 +456,114 @@ class TroubleshootingClient:
         except WorkflowUpdateFailedError as err:
             raise _from_update_failure(err) from None
         return outcome
+
+    async def snooze(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        for_: timedelta | str,
+        reason: str,
+        *,
+        operator: str | None = None,
+    ) -> StateView:
+        """Move the command's escalation and expiry not yet passed later by `for_` (`2h`, or a
+        timedelta), audited as TSQ_SNOOZED; returns the workflow's state with the new
+        deadlines. Refused for a decided command, or one with nothing to snooze."""
+        seconds = (
+            for_.total_seconds() if isinstance(for_, timedelta) else parse_duration(for_, "for")
+        )
+        request = {"for": seconds, "reason": reason, "operator": operator}
+        return await self._time_update("operator_snooze", domain, command_id, request)
+
+    async def unschedule(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        operator: str | None = None,
+        reason: str | None = None,
+    ) -> StateView:
+        """Drop a retry scheduled for later: the command waits again (TSQ_RETRY_UNSCHEDULED)."""
+        request = {"operator": operator, "reason": reason}
+        return await self._time_update("operator_unschedule", domain, command_id, request)
+
+    async def _time_update(
+        self, update: str, domain: str, command_id: str | UUID, request: dict[str, Any]
+    ) -> StateView:
+        domain, cid = _domain(domain), _command_uuid(command_id)
+        model = SnoozeRequest if update == "operator_snooze" else UnscheduleRequest
+        try:
+            model.model_validate(request)
+        except ValidationError as err:
+            raise _input_error(err) from None
+        row = await self._decidable(domain, cid)
+        try:
+            state: StateView = await self.temporal.execute_update_with_start_workflow(
+                update,
+                request,
+                start_workflow_operation=self._start_operation(snapshot(row)),
+                result_type=StateView,
+            )
+        except WorkflowUpdateFailedError as err:
+            raise _from_update_failure(err) from None
+        return state
+
+    # -- policies ---------------------------------------------------------------------------
+
+    async def set_policy(
+        self,
+        domain: str,
+        name: str,
+        *,
+        command_type: str | None = None,
+        error_code: str | None = None,
+        escalate_after: timedelta | str | None = None,
+        expire_after: timedelta | str | None = None,
+        expire_decision: str | None = None,
+        reason: str | None = None,
+        result_data: dict[str, Any] | None = None,
+        operator: str | None = None,
+    ) -> PolicyView:
+        """Create or replace the policy `name` of `domain` (see `tsq policy set`): the waiting
+        workflows of the domain follow it within moments; audited as TSQ_POLICY_CHANGED."""
+        policy = policy_input(
+            name,
+            escalate_after=escalate_after,
+            expire_after=expire_after,
+            expire_decision=expire_decision,
+            reason=reason,
+            result_data=result_data,
+        )
+        _, after = await store.set_policy(
+            self.pool,
+            _domain(domain),
+            policy,
+            command_type=command_type,
+            error_code=error_code,
+            operator=operator,
+        )
+        return PolicyView.model_validate(dict(after))
+
+    async def policies(self, domain: str) -> list[PolicyView]:
+        return [
+            PolicyView.model_validate(dict(row))
+            for row in await store.policies(self.pool, _domain(domain))
+        ]
+
+    async def policy(self, domain: str, name: str) -> PolicyView:
+        row = await store.policy(self.pool, _domain(domain), name)
+        if row is None:
+            raise NotFoundError(f"no policy named {name!r} in domain {domain}")
+        return PolicyView.model_validate(dict(row))
+
+    async def delete_policy(
+        self, domain: str, name: str, *, operator: str | None = None
+    ) -> PolicyView:
+        """Delete a policy; its commands wait without it from then on (audited)."""
+        row = await store.delete_policy(self.pool, _domain(domain), name, operator=operator)
+        if row is None:
+            raise NotFoundError(f"no policy named {name!r} in domain {domain}")
+        return PolicyView.model_validate(dict(row))
 
     # -- reading ----------------------------------------------------------------------------
 

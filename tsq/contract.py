@@ -37,12 +37,18 @@ def parse_workflow_id(wid: str) -> tuple[str, UUID] | None:
 
 
 class SearchAttribute(StrEnum):
-    """tsq's search attributes; all Keyword, registered by `tsq migrate` and the worker."""
+    """tsq's search attributes, registered by `tsq migrate` and the worker: Keyword, but for
+    `TsqEscalated` (Bool, set true when a policy's escalation passed undecided)."""
+
+    @property
+    def kind(self) -> str:
+        return "Bool" if self is SearchAttribute.TSQ_ESCALATED else "Keyword"
 
     COMMAND_DOMAIN = "CommandDomain"
     COMMAND_TYPE = "CommandType"
     TSQ_STATE = "TsqState"
     LAST_ERROR_CODE = "LastErrorCode"
+    TSQ_ESCALATED = "TsqEscalated"
 
 
 # The server refuses Keyword values over 2 KB; tsq keeps well under it and marks the cut.
@@ -80,12 +86,18 @@ class AuditEventType(StrEnum):
     OPERATOR_RETRY = "OPERATOR_RETRY"
     OPERATOR_COMPLETE = "OPERATOR_COMPLETE"
     TSQ_SIGNAL_REFUSED = "TSQ_SIGNAL_REFUSED"
+    TSQ_POLICY_CHANGED = "TSQ_POLICY_CHANGED"
+    TSQ_ESCALATED = "TSQ_ESCALATED"
+    TSQ_SNOOZED = "TSQ_SNOOZED"
+    TSQ_RETRY_SCHEDULED = "TSQ_RETRY_SCHEDULED"
+    TSQ_RETRY_UNSCHEDULED = "TSQ_RETRY_UNSCHEDULED"
 
 
 class TsqState(StrEnum):
     """Value of the `TsqState` search attribute and of `state().state`."""
 
     AWAITING_OPERATOR = "AWAITING_OPERATOR"
+    RETRY_SCHEDULED = "RETRY_SCHEDULED"
     CANCELING = "CANCELING"
     CANCELED = "CANCELED"
     RETRYING = "RETRYING"
@@ -176,6 +188,7 @@ class Activity(StrEnum):
     RECORD_REFUSAL = "tsq.record_refusal"
     RECORD_REFUSALS = "tsq.record_refusals"
     OBSERVE = "tsq.observe"
+    RECORD_EVENT = "tsq.record_event"
 
 
 class Metric(StrEnum):

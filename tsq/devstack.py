@@ -142,7 +142,7 @@ def _start_temporal_once(
     if db_file is not None:
         args += ["--db-filename", str(db_file)]
     for name in SearchAttribute:
-        args += ["--search-attribute", f"{name.value}=Keyword"]
+        args += ["--search-attribute", f"{name.value}={name.kind}"]
     if log_file is None:
         process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True

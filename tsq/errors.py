@@ -11,6 +11,10 @@ class CommandNotFoundError(TroubleshootingError):
     """No command with that domain and id exists."""
 
 
+class NotFoundError(TroubleshootingError):
+    """Something else named does not exist (a policy, say)."""
+
+
 class InvalidOperationError(TroubleshootingError):
     """The command exists but cannot be decided now (wrong status, already decided)."""
 

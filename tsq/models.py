@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
 )
 
-from tsq.contract import DOMAIN_PATTERN, DecisionKind, TsqState
+from tsq.contract import DOMAIN_PATTERN, AuditEventType, DecisionKind, TsqState
+from tsq.durations import parse_duration
 from tsq.errors import InvalidInputError
 
 # PGMQ keeps each queue in tables named q_<name> / a_<name>; it refuses names of 48+ characters.
@@ -137,6 +140,37 @@ class RefusedRequest(_Model):
     received: str
 
 
+def _duration(value: Any) -> Any:
+    """A duration as people type it (`2h`, `90s`), as a number of seconds, or in ISO 8601
+    (`PT2H`, as the converter writes it)."""
+    if isinstance(value, str) and not value.startswith("P"):
+        return parse_duration(value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class Policy(_Model):
+    """What happens to a parked command nobody decides: `tsq policy set` (see `tsq.policy`)."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_storable)]
+    escalate_after: Duration | None = None
+    expire_after: Duration | None = None
+    expire_decision: Literal[DecisionKind.CANCEL, DecisionKind.COMPLETE] | None = None
+    expire_reason: Reason | None = None
+    expire_result_data: ResultData = None
+
+
+class ScheduledRetry(_Model):
+    """A retry an operator asked for at a later time."""
+
+    request: RetryRequest
+    at: datetime
+    requested_at: datetime
+    request_id: str
+
+
 class Continued(_Model):
     """What a workflow carries into its next run when its history grows long."""
 
@@ -145,6 +179,10 @@ class Continued(_Model):
     failed_count: int = 0
     failed: list[str] = Field(default_factory=list)
     runs: int = 1
+    events: int = 0
+    escalated: bool = False
+    snoozed: timedelta = timedelta(0)
+    scheduled: ScheduledRetry | None = None
 
 
 class CommandSnapshot(_Model):
@@ -169,6 +207,7 @@ class CommandSnapshot(_Model):
     created_at: datetime | None = None
     parked_at: datetime | None = None
     parking_id: int | None = None
+    policy: Policy | None = None
     continued: Continued | None = None
 
 
@@ -187,10 +226,33 @@ class CancelRequest(_Model):
 
 
 class RetryRequest(_Model):
-    """Input of the `retry` signal and the `operator_retry` update."""
+    """Input of the `retry` signal and the `operator_retry` update. With `not_before` (an
+    ISO 8601 time with its offset) the retry waits until then: RETRY_SCHEDULED meanwhile."""
 
     operator: Operator | None = None
     parking_id: ParkingId = None
+    not_before: AwareDatetime | None = None
+
+
+class SnoozeRequest(_Model):
+    """Input of the `snooze` signal and the `operator_snooze` update: the escalation and
+    expiry not yet passed move later by `for` (`2h`, `30m`, or seconds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    for_: Duration = Field(alias="for")
+    reason: Reason
+    operator: Operator | None = None
+
+
+class UnscheduleRequest(_Model):
+    """Input of the `unschedule` signal and the `operator_unschedule` update: a scheduled
+    retry is dropped and the command waits again."""
+
+    operator: Operator | None = None
+    reason: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)] | None = (
+        None
+    )
 
 
 class CompleteRequest(_Model):
@@ -222,7 +284,9 @@ class CarryOut(_Model):
     reason: str | None = None
     operator: str | None = None
     result_data: dict[str, Any] | None = None
-    via: Literal["signal", "update"]
+    # How the decision came: an operator's signal or update, or the workflow's own timer
+    # (a policy's expiry, a scheduled retry).
+    via: Literal["signal", "update", "policy", "schedule"]
     request_id: str | None = None
 
 
@@ -253,6 +317,9 @@ class DecisionOutcome(_Model):
     changed_at: datetime | None = Field(
         default=None, description="Decided elsewhere: when the command left the queue"
     )
+    scheduled_for: datetime | None = Field(
+        default=None, description="A retry scheduled for later: when it will be carried out"
+    )
 
 
 class RecordRefusal(_Model):
@@ -277,6 +344,20 @@ class RecordRefusals(_Model):
     refusals: list[RefusedRequest]
 
 
+class RecordEvent(_Model):
+    """Input of the activity that writes one of the workflow's own events to the audit trail
+    (escalated, snoozed, retry scheduled ...), once; `notice` counts it for the notifier."""
+
+    effect_key: str
+    workflow_id: str
+    domain: Domain
+    command_id: UUID
+    event: AuditEventType
+    details: dict[str, Any]
+    notice: Literal["escalations"] | None = None
+    error_code: str | None = None
+
+
 class Observe(_Model):
     """Input of the activity that reads the command's parking as the database has it now."""
 
@@ -299,6 +380,7 @@ class Observed(_Model):
     parking_id: int | None
     open: bool
     outcome: DecisionOutcome | None = None
+    policy: Policy | None = None
 
 
 class StateView(_Model):
@@ -317,6 +399,14 @@ class StateView(_Model):
         default_factory=list, description="The latest refused requests (at most a few)"
     )
     refused_count: int = Field(default=0, description="Refused requests in all")
+    policy: str | None = Field(default=None, description="The policy this command follows")
+    escalate_at: datetime | None = None
+    escalated: bool = False
+    expire_at: datetime | None = None
+    expire_decision: DecisionKind | None = None
+    snoozed: timedelta = timedelta(0)
+    retry_scheduled_for: datetime | None = None
+    retry_scheduled_by: str | None = None
 
 
 def describe_input(raw: Any, limit: int = 500) -> str:

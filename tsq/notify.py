@@ -1,4 +1,5 @@
-"""Operators are told: a digest of commands arriving in the troubleshooting queue.
+"""Operators are told: digests of commands arriving in the troubleshooting queue, and of
+commands escalated by their policy (the same way: per domain, error code and window).
 
 When commands of a domain arrive with an error code, a message goes out at once, and then at
 most one per window for that domain and error code, counting what arrived meanwhile: an
@@ -75,28 +76,30 @@ class NotifyConfig:
         return f"{self.web_ui_url}/namespaces/{self.namespace}/workflows?query={quote(query)}"
 
 
-def arrival_message(
+def digest_message(
     config: NotifyConfig, group: asyncpg.Record, now: datetime
 ) -> tuple[str, dict[str, Any]]:
-    """The idempotency key and body of one digest of arrivals."""
-    domain, code = group["domain"], group["error_code"]
+    """The idempotency key and body of one digest: arrivals, or escalations (commands left
+    undecided past their policy's `escalate_after`)."""
+    kind, domain, code = group["kind"], group["domain"], group["error_code"]
     oldest = now - group["oldest"] if group["oldest"] is not None else timedelta(0)
     query = f'CommandDomain="{domain}" AND TsqState="AWAITING_OPERATOR"'
     if code:
         query += f' AND LastErrorCode="{code}"'
     url = config.link(query)
     arrived = group["arrived"]
+    what = "parked" if kind == "arrivals" else "escalated, undecided past their policy"
     text = (
-        f"{domain}: {arrived} command{'s' if arrived != 1 else ''} parked"
+        f"{domain}: {arrived} command{'s' if arrived != 1 else ''} {what}"
         + (f" with {code}" if code else "")
         + (f" in the last {format_duration(config.window)}" if group["repeat"] else "")
         + f"; {group['waiting']} waiting, the oldest for {format_duration(oldest)}."
         + (f" Decide: {url}" if url else "")
     )
-    key = f"tsq:arrivals:{domain}:{code}:{group['sent_at'].isoformat()}"
+    key = f"tsq:{kind}:{domain}:{code}:{group['sent_at'].isoformat()}"
     return key, {
         "text": text,
-        "kind": "arrivals",
+        "kind": kind,
         "domain": domain,
         "error_code": code or None,
         "arrived": arrived,
@@ -136,10 +139,10 @@ class Notifier:
             if not await store.notify_lock(conn):
                 return 0  # another worker is at it
             await store.count_arrivals(conn)
-            due = await store.due_arrivals(conn, self.config.window)
+            due = await store.due_notices(conn, self.config.window)
             now = datetime.now(UTC)
             for group in due:
-                key, body = arrival_message(self.config, group, now)
+                key, body = digest_message(self.config, group, now)
                 await store.add_notice(conn, key, body)
         return len(due)
 

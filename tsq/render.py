@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from tsq.durations import format_duration
 
 if TYPE_CHECKING:
-    from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem, WaitingGroup
+    from tsq.models import StateView
+    from tsq.views import AuditEvent, CommandDetails, PolicyView, TroubleshootingItem, WaitingGroup
 
 
 def one_line(err: BaseException) -> str:
@@ -51,6 +52,57 @@ def group_table(groups: Sequence[WaitingGroup], now: datetime) -> str:
                 g.select,
             ]
             for g in groups
+        ],
+    )
+
+
+def deadlines(state: StateView) -> str:
+    """One line: the escalation and expiry ahead."""
+    parts = []
+    if state.escalate_at is not None:
+        parts.append(
+            f"escalates at {_when(state.escalate_at)}" + (" (escalated)" if state.escalated else "")
+        )
+    if state.expire_at is not None and state.expire_decision is not None:
+        parts.append(f"{state.expire_decision.value} at {_when(state.expire_at)}")
+    return "; ".join(parts) or "no deadline"
+
+
+def policy(p: PolicyView) -> str:
+    narrowed = ", ".join(
+        f"{name} {value}"
+        for name, value in (("type", p.command_type), ("error code", p.error_code))
+        if value
+    )
+    lines = [
+        f"policy {p.name} of {p.domain}" + (f" ({narrowed})" if narrowed else " (every command)")
+    ]
+    if p.escalate_after is not None:
+        lines.append(_field("escalate", f"after {format_duration(p.escalate_after)}"))
+    if p.expire_after is not None:
+        how = (
+            f"cancel: {p.expire_reason}"
+            if p.expire_decision == "cancel"
+            else (f"complete with {json.dumps(p.expire_result_data)}")
+        )
+        lines.append(_field("expire", f"after {format_duration(p.expire_after)}, {how}"))
+    lines.append(_field("changed", f"{_when(p.updated_at)} by {p.updated_by or '-'}"))
+    return "\n".join(lines)
+
+
+def policy_table(policies: Sequence[PolicyView]) -> str:
+    return _table(
+        ["NAME", "TYPE", "ERROR CODE", "ESCALATE AFTER", "EXPIRE AFTER", "THEN"],
+        [
+            [
+                p.name,
+                p.command_type or "*",
+                p.error_code or "*",
+                format_duration(p.escalate_after) if p.escalate_after else "-",
+                format_duration(p.expire_after) if p.expire_after else "-",
+                clip(p.expire_decision and f"{p.expire_decision} {p.expire_reason or ''}", 40),
+            ]
+            for p in policies
         ],
     )
 

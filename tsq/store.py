@@ -14,7 +14,14 @@ from uuid import UUID
 import asyncpg
 
 from tsq.contract import AuditEventType, CommandStatus
-from tsq.models import DecisionOutcome, Observe, Observed, check_queue_name
+from tsq.models import (
+    DecisionOutcome,
+    Observe,
+    Observed,
+    Policy,
+    RecordEvent,
+    check_queue_name,
+)
 
 # An asyncpg Connection or Pool (asyncpg ships no type hints).
 Conn = Any
@@ -92,7 +99,8 @@ async def observe(conn: Conn, req: Observe) -> Observed:
         )
         SELECT b.parking_id, b.left_at, b.left_status, e.result AS recorded,
             (SELECT status FROM commandbus.command WHERE domain = $1 AND command_id = $2)
-                AS status
+                AS status,
+            tsq.policy_view(tsq.policy_for($1, b.command_type, b.error_code)) AS policy
         FROM (SELECT 1) one
         LEFT JOIN bound b ON true
         LEFT JOIN tsq.effect e ON e.effect_key = $5 || '/parking/' || b.parking_id || '/decision'
@@ -122,7 +130,7 @@ async def observe(conn: Conn, req: Observe) -> Observed:
             ),
         )
     if row["left_at"] is None:
-        return Observed(parking_id=row["parking_id"], open=True)
+        return Observed(parking_id=row["parking_id"], open=True, policy=policy_of(row["policy"]))
     if row["recorded"] is not None:
         return Observed(
             parking_id=row["parking_id"],
@@ -150,6 +158,191 @@ async def observe(conn: Conn, req: Observe) -> Observed:
     )
 
 
+async def record_event(conn: Conn, event: RecordEvent) -> bool:
+    """One of a workflow's own events, once (keyed): its audit row, and for escalations one
+    more in the notifier's count. False when it was recorded before."""
+    async with conn.acquire() as c, c.transaction():
+        inserted = await c.fetchval(
+            """
+            INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+            VALUES ($1, $2, $3, 'event', $4) ON CONFLICT (effect_key) DO NOTHING RETURNING true
+            """,
+            event.effect_key,
+            event.domain,
+            event.command_id,
+            event.details,
+        )
+        if not inserted:
+            return False
+        await c.execute(
+            """
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            VALUES ($1, $2, $3, $4)
+            """,
+            event.domain,
+            event.command_id,
+            event.event.value,
+            {**event.details, "workflow_id": event.workflow_id},
+        )
+        if event.notice:
+            await c.execute(
+                """
+                INSERT INTO tsq.notice_group (kind, domain, error_code, pending)
+                VALUES ($1, $2, coalesce($3, ''), 1)
+                ON CONFLICT (kind, domain, error_code)
+                DO UPDATE SET pending = tsq.notice_group.pending + 1
+                """,
+                event.notice,
+                event.domain,
+                event.error_code,
+            )
+    return True
+
+
+# -- policies -------------------------------------------------------------------------------
+
+
+def policy_of(value: dict[str, Any] | None) -> Policy | None:
+    """A policy as `tsq.policy_view` shows it, as the workflow follows it."""
+    return None if value is None else Policy.model_validate(value)
+
+
+async def policies(conn: Conn, domain: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT * FROM tsq.policy WHERE domain = $1 ORDER BY name", domain
+    )
+    return rows
+
+
+async def policy(conn: Conn, domain: str, name: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM tsq.policy WHERE domain = $1 AND name = $2", domain, name
+    )
+    return row
+
+
+async def set_policy(
+    pool: asyncpg.Pool,
+    domain: str,
+    policy: Policy,
+    *,
+    command_type: str | None,
+    error_code: str | None,
+    operator: str | None,
+) -> tuple[asyncpg.Record | None, asyncpg.Record]:
+    """Create or replace a policy; audited with what it was before and after, and the waiting
+    workflows of the domain to be told (by the watcher). Returns (before, after)."""
+    async with pool.acquire() as c, c.transaction():
+        before = await c.fetchrow(
+            "SELECT * FROM tsq.policy WHERE domain = $1 AND name = $2 FOR UPDATE",
+            domain,
+            policy.name,
+        )
+        after = await c.fetchrow(
+            """
+            INSERT INTO tsq.policy (domain, name, command_type, error_code, escalate_after,
+                expire_after, expire_decision, expire_reason, expire_result_data, updated_by)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            ON CONFLICT (domain, name) DO UPDATE SET
+                command_type = excluded.command_type, error_code = excluded.error_code,
+                escalate_after = excluded.escalate_after, expire_after = excluded.expire_after,
+                expire_decision = excluded.expire_decision,
+                expire_reason = excluded.expire_reason,
+                expire_result_data = excluded.expire_result_data,
+                updated_at = clock_timestamp(), updated_by = excluded.updated_by
+            RETURNING *
+            """,
+            domain,
+            policy.name,
+            command_type,
+            error_code,
+            policy.escalate_after,
+            policy.expire_after,
+            policy.expire_decision.value if policy.expire_decision else None,
+            policy.expire_reason,
+            policy.expire_result_data,
+            operator,
+        )
+        await _policy_changed(c, domain, after["policy_id"], operator, "set", before, after)
+    return before, after
+
+
+async def delete_policy(
+    pool: asyncpg.Pool, domain: str, name: str, *, operator: str | None
+) -> asyncpg.Record | None:
+    """Delete a policy; audited; None when there was none of that name."""
+    async with pool.acquire() as c, c.transaction():
+        before = await c.fetchrow(
+            "DELETE FROM tsq.policy WHERE domain = $1 AND name = $2 RETURNING *", domain, name
+        )
+        if before is not None:
+            await _policy_changed(c, domain, before["policy_id"], operator, "delete", before, None)
+    return before
+
+
+async def _policy_changed(
+    conn: Conn,
+    domain: str,
+    policy_id: UUID,
+    operator: str | None,
+    action: str,
+    before: asyncpg.Record | None,
+    after: asyncpg.Record | None,
+) -> None:
+    await conn.execute(
+        """
+        WITH audited AS (
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            VALUES ($1, $2, $3, jsonb_build_object('operator', $4::text, 'action', $5::text,
+                'before', $6::jsonb, 'after', $7::jsonb))
+        )
+        INSERT INTO tsq.policy_change (domain) VALUES ($1)
+        """,
+        domain,
+        policy_id,
+        AuditEventType.TSQ_POLICY_CHANGED.value,
+        operator,
+        action,
+        _policy_json(before),
+        _policy_json(after),
+    )
+    await conn.execute("SELECT pg_notify('tsq_parking', '')")
+
+
+def _policy_json(row: asyncpg.Record | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        key: (str(value) if isinstance(value, (timedelta, UUID, datetime)) else value)
+        for key, value in dict(row).items()
+    }
+
+
+async def claim_policy_changes(conn: Conn, *, lease_s: float) -> list[asyncpg.Record]:
+    """Domains whose policies changed, claimed for telling their waiting workflows."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        UPDATE tsq.policy_change c
+        SET claimed_until = clock_timestamp() + make_interval(secs => $1)
+        FROM (
+            SELECT change_id FROM tsq.policy_change
+            WHERE claimed_until IS NULL OR claimed_until < clock_timestamp()
+            ORDER BY change_id LIMIT 20 FOR UPDATE SKIP LOCKED
+        ) due
+        WHERE c.change_id = due.change_id
+        RETURNING c.change_id, c.domain
+        """,
+        lease_s,
+    )
+    return rows
+
+
+async def policy_changes_told(conn: Conn, change_ids: Sequence[int]) -> None:
+    await conn.execute(
+        "DELETE FROM tsq.policy_change WHERE change_id = ANY($1::bigint[])", list(change_ids)
+    )
+
+
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -157,9 +350,12 @@ async def command(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record |
     """The command row, with its open parking (`parking_id`, NULL when not parked)."""
     row: asyncpg.Record | None = await conn.fetchrow(
         """
-        SELECT c.*, p.parking_id FROM commandbus.command c
+        SELECT c.*, p.parking_id, tsq.policy_view(pol) AS policy
+        FROM commandbus.command c
         LEFT JOIN tsq.parking p
             ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+        LEFT JOIN LATERAL tsq.policy_for(c.domain, c.command_type, c.last_error_code) pol
+            ON true
         WHERE c.domain = $1 AND c.command_id = $2
         """,
         domain,
@@ -321,9 +517,12 @@ async def open_parkings(conn: Conn, domain: str | None) -> list[asyncpg.Record]:
     """Every parked command (of `domain`, or all), with its open parking, oldest first."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """
-        SELECT c.*, p.parking_id, p.problem FROM commandbus.command c
+        SELECT c.*, p.parking_id, p.problem, tsq.policy_view(pol) AS policy
+        FROM commandbus.command c
         LEFT JOIN tsq.parking p
             ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+        LEFT JOIN LATERAL tsq.policy_for(c.domain, c.command_type, c.last_error_code) pol
+            ON true
         WHERE c.status = $1 AND ($2::text IS NULL OR c.domain = $2)
         ORDER BY c.updated_at, c.command_id
         """,
@@ -387,10 +586,13 @@ async def commands_of(
         return {}
     rows = await conn.fetch(
         """
-        SELECT c.*, p.parking_id FROM unnest($1::text[], $2::uuid[]) AS k(domain, command_id)
+        SELECT c.*, p.parking_id, tsq.policy_view(pol) AS policy
+        FROM unnest($1::text[], $2::uuid[]) AS k(domain, command_id)
         JOIN commandbus.command c ON c.domain = k.domain AND c.command_id = k.command_id
         LEFT JOIN tsq.parking p
             ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+        LEFT JOIN LATERAL tsq.policy_for(c.domain, c.command_type, c.last_error_code) pol
+            ON true
         """,
         [domain for domain, _ in keys],
         [cid for _, cid in keys],
@@ -526,20 +728,20 @@ async def count_arrivals(conn: Conn) -> None:
     )
 
 
-async def due_arrivals(conn: Conn, window: timedelta) -> list[asyncpg.Record]:
-    """Groups with arrivals whose last message is a window old (or that never had one):
-    marked sent now, with what the message needs."""
+async def due_notices(conn: Conn, window: timedelta) -> list[asyncpg.Record]:
+    """Groups (arrivals, escalations) with news whose last message is a window old (or that
+    never had one): marked sent now, with what the message needs."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """
         WITH due AS (
             UPDATE tsq.notice_group g
             SET pending = 0, last_sent_at = clock_timestamp()
             FROM tsq.notice_group old
-            WHERE g.kind = 'arrivals' AND g.pending > 0
+            WHERE g.pending > 0
               AND old.kind = g.kind AND old.domain = g.domain AND old.error_code = g.error_code
               AND (g.last_sent_at IS NULL OR g.last_sent_at <= clock_timestamp() - $1::interval)
-            RETURNING g.domain, g.error_code, old.pending AS arrived, g.last_sent_at AS sent_at,
-                old.last_sent_at IS NOT NULL AS repeat
+            RETURNING g.kind, g.domain, g.error_code, old.pending AS arrived,
+                g.last_sent_at AS sent_at, old.last_sent_at IS NOT NULL AS repeat
         )
         SELECT due.*, w.waiting, w.oldest FROM due
         CROSS JOIN LATERAL (

@@ -16,10 +16,10 @@ from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 
+from tsq.contract import SearchAttribute
 from tsq.converter import TsqPayloadConverter
 from tsq.errors import ERROR_TYPES
 from tsq.settings import Settings
-from tsq.workflows import SEARCH_ATTRIBUTES
 
 
 class _OperatorFacingFailures(DefaultFailureConverter):
@@ -50,15 +50,21 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Clie
     return await Client.connect(**config, data_converter=DATA_CONVERTER, runtime=runtime)
 
 
+_INDEXED = {
+    "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+    "Bool": IndexedValueType.INDEXED_VALUE_TYPE_BOOL,
+}
+
+
 async def register_search_attributes(client: Client) -> list[str]:
     """Add tsq's Keyword search attributes to the namespace; returns the ones it added."""
     existing = await client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=client.namespace)
     )
     missing = {
-        key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
-        for key in SEARCH_ATTRIBUTES
-        if key.name not in existing.custom_attributes
+        name.value: _INDEXED[name.kind]
+        for name in SearchAttribute
+        if name.value not in existing.custom_attributes
     }
     if missing:
         await client.operator_service.add_search_attributes(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -65,3 +65,19 @@ class WaitingGroup(BaseModel):
     select: str = Field(
         description="The options that select this group in `tsq cancel|retry|complete DOMAIN`"
     )
+
+
+class PolicyView(BaseModel):
+    """A policy as `tsq policy show` and the SDK give it."""
+
+    domain: str
+    name: str
+    command_type: str | None
+    error_code: str | None
+    escalate_after: timedelta | None
+    expire_after: timedelta | None
+    expire_decision: str | None
+    expire_reason: str | None
+    expire_result_data: dict[str, Any] | None
+    updated_at: datetime
+    updated_by: str | None

@@ -166,6 +166,7 @@ class Watcher:
         """
         rows = await store.claim_parkings(self.pool, lease_s=LEASE_S, limit=BATCH)
         if not rows:
+            await self._tell_policy_changes()
             return 0
         commands = await store.commands_of(
             self.pool, [(r["domain"], r["command_id"]) for r in rows if r["todo"] == "start"]
@@ -178,6 +179,7 @@ class Watcher:
         for parking in await store.left_among(self.pool, started):
             # Decided while its start was on its way: the new run must look.
             await self._guarded_tell(workflow_id(parking["domain"], parking["command_id"]))
+        await self._tell_policy_changes()
         await store.finish_todos(
             self.pool,
             [
@@ -187,6 +189,28 @@ class Watcher:
             ],
         )
         return len(rows)
+
+    async def _tell_policy_changes(self) -> None:
+        """A policy set, changed or deleted: every waiting workflow of its domain looks again
+        (and follows the policy that now matches it)."""
+        changes = await store.claim_policy_changes(self.pool, lease_s=LEASE_S * 4)
+        if not changes:
+            return
+        task_queue = _quoted(self.client.task_queue)
+        told: list[int] = []
+        for change in changes:
+            query = (
+                f'WorkflowType = "{WORKFLOW_TYPE}" AND ExecutionStatus = "Running" '
+                f'AND TaskQueue = "{task_queue}" AND CommandDomain = "{change["domain"]}"'
+            )
+            try:
+                wids = [e.id async for e in self.client.temporal.list_workflows(query)]
+            except _TEMPORAL_ERRORS as err:
+                log.warning("watcher: policy change of %s: %s", change["domain"], one_line(err))
+                continue  # the claim expires: tried again
+            await asyncio.gather(*(self._guarded_tell(wid) for wid in wids))
+            told.append(change["change_id"])
+        await store.policy_changes_told(self.pool, told)
 
     async def _work(self, row: asyncpg.Record, command: asyncpg.Record | None) -> str:
         """Do one parking's work: "started", "done:" (with a problem when it can never be
@@ -260,7 +284,7 @@ class Watcher:
     async def sweep(self) -> SweepReport:
         """Parkings whose workflow is not running get their work back; running workflows of
         commands no longer parked are told to look."""
-        task_queue = self.client.task_queue.replace("\\", "\\\\").replace('"', '\\"')
+        task_queue = _quoted(self.client.task_queue)
         query = (
             f'WorkflowType = "{WORKFLOW_TYPE}" AND ExecutionStatus = "Running" '
             f'AND TaskQueue = "{task_queue}"'
@@ -305,6 +329,11 @@ class Watcher:
         async with self._gate:
             with contextlib.suppress(*_TEMPORAL_ERRORS):
                 await self._tell(wid)
+
+
+def _quoted(value: str) -> str:
+    """`value` inside a double-quoted string of a visibility query."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _age(since: datetime) -> float:

@@ -33,7 +33,13 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
         client,
         task_queue=task_queue,
         workflows=[TroubleshootingWorkflow],
-        activities=[acts.carry_out, acts.record_refusal, acts.record_refusals, acts.observe],
+        activities=[
+            acts.carry_out,
+            acts.record_refusal,
+            acts.record_refusals,
+            acts.record_event,
+            acts.observe,
+        ],
         # The sandbox would re-import the workflow module for every workflow it loads: a third
         # of the worker's CPU, and memory, with thousands waiting. The module holds only
         # constants; the replay tests over stored histories guard its determinism.

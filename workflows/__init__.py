@@ -14,6 +14,14 @@ COMMAND_DOMAIN = SearchAttributeKey.for_keyword(SearchAttribute.COMMAND_DOMAIN.v
 COMMAND_TYPE = SearchAttributeKey.for_keyword(SearchAttribute.COMMAND_TYPE.value)
 TSQ_STATE = SearchAttributeKey.for_keyword(SearchAttribute.TSQ_STATE.value)
 LAST_ERROR_CODE = SearchAttributeKey.for_keyword(SearchAttribute.LAST_ERROR_CODE.value)
-SEARCH_ATTRIBUTES = (COMMAND_DOMAIN, COMMAND_TYPE, TSQ_STATE, LAST_ERROR_CODE)
+TSQ_ESCALATED = SearchAttributeKey.for_bool(SearchAttribute.TSQ_ESCALATED.value)
+SEARCH_ATTRIBUTES = (COMMAND_DOMAIN, COMMAND_TYPE, TSQ_STATE, LAST_ERROR_CODE, TSQ_ESCALATED)
 
-__all__ = ["COMMAND_DOMAIN", "COMMAND_TYPE", "LAST_ERROR_CODE", "SEARCH_ATTRIBUTES", "TSQ_STATE"]
+__all__ = [
+    "COMMAND_DOMAIN",
+    "COMMAND_TYPE",
+    "LAST_ERROR_CODE",
+    "SEARCH_ATTRIBUTES",
+    "TSQ_ESCALATED",
+    "TSQ_STATE",
+]

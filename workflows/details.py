@@ -146,6 +146,7 @@ def render_details(
         lines += [f"- Outcome: {_text(view.outcome.detail)}", ""]
     elif view.decision is not None:
         lines.append("")
+    lines += _deadlines(view)
     if failed_attempts:
         lines.append("### Decisions that could not be carried out (nothing was changed)")
         lines += _last(failed_attempts, max(failed_count, len(failed_attempts)))
@@ -161,6 +162,30 @@ def render_details(
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def _deadlines(view: StateView) -> list[str]:
+    """The policy's escalation and expiry, snoozes, a retry scheduled for later."""
+    lines = []
+    if view.retry_scheduled_for is not None:
+        lines.append(
+            f"- **Retry scheduled** for {_text(view.retry_scheduled_for)} by "
+            f"{_text(view.retry_scheduled_by)} (`unschedule` drops it; any other decision "
+            "replaces it)"
+        )
+    if view.policy is not None:
+        lines.append(f"- Policy: {_code(view.policy)}")
+        if view.escalate_at is not None:
+            done = " — **escalated**" if view.escalated else ""
+            lines.append(f"- Escalates at {_text(view.escalate_at)}{done}")
+        if view.expire_at is not None and view.expire_decision is not None:
+            lines.append(
+                f"- Expires at {_text(view.expire_at)}: the policy will "
+                f"**{view.expire_decision.value}** it"
+            )
+        if view.snoozed:
+            lines.append(f"- Snoozed for {_text(view.snoozed)} in all")
+    return ["### Time", *lines, ""] if lines else []
 
 
 def _last(items: Sequence[str], total: int) -> list[str]:

@@ -17,11 +17,12 @@ histories must replay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 from temporalio import workflow
@@ -33,12 +34,15 @@ with workflow.unsafe.imports_passed_through():
         DECISIONS,
         WORKFLOW_TYPE,
         Activity,
+        AuditEventType,
+        CommandStatus,
         DecisionKind,
         Metric,
         TsqState,
         workflow_id,
     )
     from tsq.converter import UndecodableInput
+    from tsq.durations import LONGEST
     from tsq.errors import (
         AlreadyDecidedError,
         InvalidInputError,
@@ -56,15 +60,21 @@ with workflow.unsafe.imports_passed_through():
         DecisionRequest,
         Observe,
         Observed,
+        RecordEvent,
         RecordRefusal,
         RecordRefusals,
         RefusedRequest,
+        RetryRequest,
+        ScheduledRetry,
+        SnoozeRequest,
         StateView,
+        UnscheduleRequest,
         describe_input,
         describe_validation_error,
         json_problem,
     )
-    from tsq.workflows import TSQ_STATE
+    from tsq.workflows import TSQ_ESCALATED, TSQ_STATE
+    from tsq.workflows.deadlines import Deadlines, Due
     from tsq.workflows.details import render_details, render_static_details, steps_of
 
 UPGRADE = "tsq-2-upgrade"
@@ -95,6 +105,14 @@ _ANSWER = (
     " Answers once it is done; refused, with the reason, if the input is wrong or the "
     "command was already decided."
 )
+_SNOOZE = (
+    "Snooze: the escalation and expiry not yet passed move later by `for`, audited. "
+    'Input: {"for": "2h", "reason": "waiting for the ledger team", "operator": "you@example.com"}'
+)
+_UNSCHEDULE = (
+    "Unschedule: a retry scheduled for later is dropped and the command waits again, audited. "
+    'Input: {"operator": "you@example.com", "reason": "fixed by hand"}'
+)
 _CANCELLATION_REFUSED = (
     "cancelling the workflow does not decide the command; send the `cancel` signal "
     "(or `retry`, `complete`) instead. The workflow keeps waiting"
@@ -113,10 +131,13 @@ def _describe(kind: DecisionKind, answer: str = "") -> str:
     )
 
 
+_Via = Literal["signal", "update", "policy", "schedule"]
+
+
 class _Pending:
     """The decision being carried out, and the callers waiting on it."""
 
-    def __init__(self, kind: DecisionKind, request: DecisionRequest, via: str) -> None:
+    def __init__(self, kind: DecisionKind, request: DecisionRequest, via: _Via) -> None:
         self.kind = kind
         self.request = request
         self.via = via
@@ -149,10 +170,24 @@ class TroubleshootingWorkflow:
         self._failed: deque[str] = deque(carried.failed, maxlen=KEPT)
         self._failed_count = carried.failed_count
         self._runs = carried.runs
+        self._events = carried.events
+        # A scheduled retry that the decision being accepted replaces.
+        self._superseded: ScheduledRetry | None = None
+        self._deadlines = Deadlines(
+            parked_at=command.parked_at or workflow.info().start_time,
+            policy=command.policy,
+            snoozed=carried.snoozed,
+            escalated=carried.escalated,
+            scheduled=carried.scheduled,
+        )
+        if carried.scheduled is not None:
+            self._state = TsqState.RETRY_SCHEDULED
         # Refusals not yet in the audit trail, and the number of the first of them.
         self._unwritten: list[RefusedRequest] = []
         # Asked to read the parking from the database (by the watcher, or after an upgrade).
         self._observe = False
+        # The deadlines changed (a snooze, a policy, a retry scheduled): wake and wait anew.
+        self._replan = False
         self._details_due = False
         wid = workflow.info().workflow_id
         self._mismatch = (
@@ -193,7 +228,7 @@ class TroubleshootingWorkflow:
 
     async def _next(self) -> DecisionOutcome | None:
         """Wait for something to do, do it; the outcome once the workflow is done."""
-        await workflow.wait_condition(self._has_work)
+        await self._wait()
         if self._observe:
             self._observe = False
             outcome = await self._follow_database()
@@ -201,11 +236,28 @@ class TroubleshootingWorkflow:
                 return outcome
         if self._unwritten:
             await self._write_refusals()
+        if self._v2 and self._pending is None:
+            await self._act_on_deadlines()
         if self._pending is not None:
             return await self._carry_out(self._pending)
         if self._v2 and workflow.info().is_continue_as_new_suggested():
             await self._continue_as_new()
         return None
+
+    async def _wait(self) -> None:
+        """Until there is work, or (this version) the next deadline."""
+        self._replan = False
+        if self._has_work():
+            return
+        deadline = self._deadlines.next() if self._v2 else None
+        if deadline is None:
+            await workflow.wait_condition(self._has_work)
+            return
+        timeout = (deadline - workflow.now()).total_seconds()
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(self._has_work, timeout=timeout)
 
     def _has_work(self) -> bool:
         if self._pending is not None:
@@ -213,7 +265,10 @@ class TroubleshootingWorkflow:
         if not self._v2:
             return False
         return (
-            self._observe or bool(self._unwritten) or workflow.info().is_continue_as_new_suggested()
+            self._observe
+            or self._replan
+            or bool(self._unwritten)
+            or workflow.info().is_continue_as_new_suggested()
         )
 
     # -- following the database -------------------------------------------------------------
@@ -235,6 +290,12 @@ class TroubleshootingWorkflow:
         if observed.parking_id != self._command.parking_id:
             self._command = self._command.model_copy(update={"parking_id": observed.parking_id})
             workflow.upsert_memo({"tsq": {"parking_id": observed.parking_id}})
+        if observed.policy != self._deadlines.policy:
+            # A policy set, changed or deleted since: the deadlines follow it.
+            self._deadlines.policy = observed.policy
+            self._command = self._command.model_copy(update={"policy": observed.policy})
+            self._replan = True
+            self._publish_soon()
         if observed.open or self._pending is not None:
             # A decision in flight finds out for itself, in its transaction.
             return None
@@ -248,6 +309,77 @@ class TroubleshootingWorkflow:
         )
         self._publish()
         return outcome
+
+    # -- time: escalation, expiry, scheduled retries -----------------------------------------
+
+    async def _act_on_deadlines(self) -> None:
+        due = self._deadlines.due(workflow.now())
+        if due is Due.RETRY:
+            scheduled = self._deadlines.scheduled
+            assert scheduled is not None
+            self._deadlines.scheduled = None
+            request = scheduled.request.model_copy(update={"not_before": None})
+            self._pending = _Pending(DecisionKind.RETRY, request, via="schedule")
+        elif due is Due.EXPIRE:
+            self._pending = self._policy_decision()
+        elif due is Due.ESCALATE:
+            await self._escalate()
+
+    def _policy_decision(self) -> _Pending:
+        """What the policy decides when its time has come, named after it."""
+        policy = self._deadlines.policy
+        assert policy is not None and policy.expire_decision is not None
+        operator = f"policy:{policy.name}"
+        request: DecisionRequest
+        if policy.expire_decision is DecisionKind.CANCEL:
+            assert policy.expire_reason is not None
+            request = CancelRequest(reason=policy.expire_reason, operator=operator)
+        else:
+            request = CompleteRequest(result_data=policy.expire_result_data, operator=operator)
+        return _Pending(policy.expire_decision, request, via="policy")
+
+    async def _escalate(self) -> None:
+        policy = self._deadlines.policy
+        assert policy is not None
+        self._deadlines.escalated = True
+        workflow.upsert_search_attributes([TSQ_ESCALATED.value_set(True)])
+        self._publish_soon()
+        await self._record(
+            AuditEventType.TSQ_ESCALATED,
+            {
+                "policy": policy.name,
+                "escalate_after_s": policy.escalate_after.total_seconds()
+                if policy.escalate_after
+                else None,
+                "parked_at": self._deadlines.parked_at.isoformat(),
+            },
+            notice="escalations",
+        )
+
+    async def _record(
+        self, event: AuditEventType, details: dict[str, Any], *, notice: str | None = None
+    ) -> None:
+        """One of the workflow's own events into the audit trail, once (the key counts them)."""
+        self._events += 1
+        info = workflow.info()
+        try:
+            await self._activity(
+                Activity.RECORD_EVENT,
+                RecordEvent(
+                    effect_key=f"{info.workflow_id}/parking/{self._command.parking_id}"
+                    f"/event/{self._events}",
+                    workflow_id=info.workflow_id,
+                    domain=self._command.domain,
+                    command_id=self._command.command_id,
+                    event=event,
+                    details=details,
+                    notice="escalations" if notice else None,
+                    error_code=self._command.last_error_code,
+                ),
+                ACTIVITY_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("%s not written to the audit trail: %s", event.value, err)
 
     # -- carrying out a decision ------------------------------------------------------------
 
@@ -277,7 +409,7 @@ class TroubleshootingWorkflow:
             reason=request.reason if isinstance(request, CancelRequest) else None,
             operator=request.operator,
             result_data=(request.result_data if isinstance(request, CompleteRequest) else None),
-            via="update" if pending.via == "update" else "signal",
+            via=pending.via,
             request_id=pending.request_id,
         )
         try:
@@ -309,6 +441,8 @@ class TroubleshootingWorkflow:
                 )
                 self._failed.append(f"{pending.kind.value} refused: {message}")
                 self._failed_count += 1
+                if pending.via == "policy":
+                    self._deadlines.expiry_refused = True
                 pending.error = ApplicationError(message, type=error_type, non_retryable=True)
                 self._pending = None
                 self._state = TsqState.AWAITING_OPERATOR
@@ -398,7 +532,12 @@ class TroubleshootingWorkflow:
                         failed_count=self._failed_count,
                         failed=list(self._failed),
                         runs=self._runs + 1,
-                    )
+                        events=self._events,
+                        escalated=self._deadlines.escalated,
+                        snoozed=self._deadlines.snoozed,
+                        scheduled=self._deadlines.scheduled,
+                    ),
+                    "policy": self._deadlines.policy,
                 }
             )
         )
@@ -455,6 +594,36 @@ class TroubleshootingWorkflow:
         if self._v2:
             self._observe = True
 
+    @workflow.signal(name="snooze", description=_SNOOZE)
+    async def snooze(self, raw: Any = None, *extra: Any) -> None:
+        await self._on_time_signal("snooze", raw, extra)
+
+    @workflow.update(name="operator_snooze", description=f"{_SNOOZE} Answers with the state.")
+    async def operator_snooze(self, raw: Any = None, *extra: Any) -> StateView:
+        self._take_new_behaviour()
+        await self._snooze(_snooze_request(raw))
+        return self.state()
+
+    @operator_snooze.validator
+    def _validate_operator_snooze(self, raw: Any = None, *extra: Any) -> None:
+        self._check_time(_snooze_request(raw), extra)
+
+    @workflow.signal(name="unschedule", description=_UNSCHEDULE)
+    async def unschedule(self, raw: Any = None, *extra: Any) -> None:
+        await self._on_time_signal("unschedule", raw, extra)
+
+    @workflow.update(
+        name="operator_unschedule", description=f"{_UNSCHEDULE} Answers with the state."
+    )
+    async def operator_unschedule(self, raw: Any = None, *extra: Any) -> StateView:
+        self._take_new_behaviour()
+        await self._unschedule(_unschedule_request(raw))
+        return self.state()
+
+    @operator_unschedule.validator
+    def _validate_operator_unschedule(self, raw: Any = None, *extra: Any) -> None:
+        self._check_time(_unschedule_request(raw), extra)
+
     @workflow.signal(dynamic=True, description="Any other signal name is refused, visibly.")
     async def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
         # Without this, a misspelt `cancle` would wait unseen in the worker's buffer forever.
@@ -467,6 +636,7 @@ class TroubleshootingWorkflow:
 
     @workflow.query(name="state", description="Command, decision, step progress and refusals.")
     def state(self) -> StateView:
+        scheduled = self._deadlines.scheduled
         pending = self._pending
         request = pending.request if pending else None
         outcome = self._outcome
@@ -486,6 +656,16 @@ class TroubleshootingWorkflow:
             outcome=self._outcome,
             refused=list(self._refused),
             refused_count=self._refused_count,
+            policy=self._deadlines.policy.name if self._deadlines.policy else None,
+            escalate_at=self._deadlines.escalate_at(),
+            escalated=self._deadlines.escalated,
+            expire_at=self._deadlines.expire_at(),
+            expire_decision=self._deadlines.policy.expire_decision
+            if self._deadlines.policy
+            else None,
+            snoozed=self._deadlines.snoozed,
+            retry_scheduled_for=scheduled.at if scheduled else None,
+            retry_scheduled_by=scheduled.request.operator if scheduled else None,
         )
 
     # -- internals ------------------------------------------------------------------------
@@ -520,15 +700,34 @@ class TroubleshootingWorkflow:
         try:
             request = _validated(kind, raw)
             self._check_parking(request)
-            self._accept(kind, request, via="signal")
+            self._check_schedule(request)
+            accepted = self._accept(kind, request, via="signal")
         except ApplicationError as err:
             await self._refuse(kind.value, describe_input(raw), err.message)
+            return
+        await self._record_accepted(kind, request, accepted)
 
     async def _on_update(self, kind: DecisionKind, raw: Any) -> DecisionOutcome:
         self._take_new_behaviour()
         request = _validated(kind, raw)
         self._check_parking(request)
-        pending = self._accept(kind, request, via="update")
+        self._check_schedule(request)
+        accepted = self._accept(kind, request, via="update")
+        await self._record_accepted(kind, request, accepted)
+        if isinstance(accepted, ScheduledRetry):
+            return DecisionOutcome(
+                decision=DecisionKind.RETRY,
+                carried_out=False,
+                status=CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
+                operator=request.operator,
+                request_id=accepted.request_id,
+                domain=self._command.domain,
+                command_id=self._command.command_id,
+                parking_id=self._command.parking_id,
+                scheduled_for=accepted.at,
+                detail=f"retry scheduled for {accepted.at.isoformat()}",
+            )
+        pending = accepted
         await workflow.wait_condition(lambda: pending.finished)
         if pending.error is not None:
             raise pending.error
@@ -557,8 +756,111 @@ class TroubleshootingWorkflow:
                 type=InvalidInputError.__name__,
                 non_retryable=True,
             )
-        self._check_parking(_validated(kind, raw))
+        request = _validated(kind, raw)
+        self._check_parking(request)
+        self._check_schedule(request)
         self._check_undecided()
+
+    async def _on_time_signal(self, name: str, raw: Any, extra: tuple[Any, ...]) -> None:
+        self._take_new_behaviour()
+        try:
+            request: SnoozeRequest | UnscheduleRequest = (
+                _snooze_request(raw) if name == "snooze" else _unschedule_request(raw)
+            )
+            self._check_time(request, extra)
+        except ApplicationError as err:
+            await self._refuse(name, describe_input(raw), err.message)
+            return
+        if isinstance(request, SnoozeRequest):
+            await self._snooze(request)
+        else:
+            await self._unschedule(request)
+
+    def _check_time(
+        self, request: SnoozeRequest | UnscheduleRequest, extra: tuple[Any, ...]
+    ) -> None:
+        """Snooze and unschedule: for a command still waiting, with something to move."""
+        if extra:
+            raise ApplicationError(
+                f"invalid input: one JSON object expected, {1 + len(extra)} arguments received",
+                type=InvalidInputError.__name__,
+                non_retryable=True,
+            )
+        if self._mismatch:
+            raise ApplicationError(
+                self._mismatch, type=InvalidOperationError.__name__, non_retryable=True
+            )
+        self._check_undecided()
+        command = self._command.command_id
+        if isinstance(request, UnscheduleRequest) and self._deadlines.scheduled is None:
+            raise ApplicationError(
+                f"no retry of command {command} is scheduled",
+                type=InvalidOperationError.__name__,
+                non_retryable=True,
+            )
+        if isinstance(request, SnoozeRequest) and not (self._v2 and self._deadlines.snoozable()):
+            raise ApplicationError(
+                f"nothing to snooze: command {command} has no escalation or expiry ahead "
+                "(no policy gives it one, they have passed, or a retry is scheduled)",
+                type=InvalidOperationError.__name__,
+                non_retryable=True,
+            )
+
+    async def _snooze(self, request: SnoozeRequest) -> None:
+        self._check_time(request, ())
+        self._deadlines.snoozed += request.for_
+        self._replan = True
+        self._publish_soon()
+        escalate, expire = self._deadlines.escalate_at(), self._deadlines.expire_at()
+        await self._record(
+            AuditEventType.TSQ_SNOOZED,
+            {
+                "operator": request.operator,
+                "reason": request.reason,
+                "for_s": request.for_.total_seconds(),
+                "snoozed_s": self._deadlines.snoozed.total_seconds(),
+                "escalate_at": escalate.isoformat() if escalate else None,
+                "expire_at": expire.isoformat() if expire else None,
+            },
+        )
+
+    async def _unschedule(self, request: UnscheduleRequest) -> None:
+        self._check_time(request, ())
+        scheduled = self._deadlines.scheduled
+        assert scheduled is not None
+        self._deadlines.scheduled = None
+        self._state = TsqState.AWAITING_OPERATOR
+        self._replan = True
+        self._publish()
+        await self._record(
+            AuditEventType.TSQ_RETRY_UNSCHEDULED,
+            {
+                "operator": request.operator,
+                "reason": request.reason,
+                "scheduled_for": scheduled.at.isoformat(),
+                "scheduled_by": scheduled.request.operator,
+            },
+        )
+
+    def _check_schedule(self, request: DecisionRequest) -> None:
+        """A retry for later: its time must be ahead, and no more than ten years."""
+        if not isinstance(request, RetryRequest) or request.not_before is None:
+            return
+        now = workflow.now()
+        if request.not_before <= now:
+            raise ApplicationError(
+                f"invalid input: not_before {request.not_before.isoformat()} is not in the "
+                f"future (it is {now.isoformat()} now); retry without it to retry now",
+                type=InvalidInputError.__name__,
+                non_retryable=True,
+            )
+        if request.not_before > now + LONGEST:
+            raise ApplicationError(
+                f"invalid input: not_before {request.not_before.isoformat()} is more than ten "
+                "years ahead",
+                type=InvalidInputError.__name__,
+                non_retryable=True,
+            )
 
     def _check_parking(self, request: DecisionRequest) -> None:
         """A caller that names the parking it decided for is refused by a workflow finishing
@@ -587,12 +889,50 @@ class TroubleshootingWorkflow:
                 non_retryable=True,
             )
 
-    def _accept(self, kind: DecisionKind, request: DecisionRequest, via: str) -> _Pending:
-        # No await between the check and the assignment: two handlers in one workflow task
-        # cannot both pass.
+    def _accept(
+        self, kind: DecisionKind, request: DecisionRequest, via: _Via
+    ) -> _Pending | ScheduledRetry:
+        """The decision, to carry out now, or (a retry for later) scheduled. No await between
+        the check and the assignment: two handlers in one workflow task cannot both pass."""
         self._check_undecided()
+        self._superseded = self._deadlines.scheduled
+        self._deadlines.scheduled = None
+        if isinstance(request, RetryRequest) and request.not_before is not None:
+            update = workflow.current_update_info()
+            scheduled = ScheduledRetry(
+                request=request,
+                at=request.not_before,
+                requested_at=workflow.now(),
+                request_id=update.id if update is not None else str(workflow.uuid4()),
+            )
+            self._deadlines.scheduled = scheduled
+            self._state = TsqState.RETRY_SCHEDULED
+            self._replan = True
+            self._publish()
+            return scheduled
         self._pending = _Pending(kind, request, via)
         return self._pending
+
+    async def _record_accepted(
+        self, kind: DecisionKind, request: DecisionRequest, accepted: _Pending | ScheduledRetry
+    ) -> None:
+        """Into the audit trail: a retry scheduled, and a scheduled one that this replaced."""
+        superseded, self._superseded = self._superseded, None
+        if superseded is not None:
+            await self._record(
+                AuditEventType.TSQ_RETRY_UNSCHEDULED,
+                {
+                    "operator": request.operator,
+                    "superseded_by": kind.value,
+                    "scheduled_for": superseded.at.isoformat(),
+                    "scheduled_by": superseded.request.operator,
+                },
+            )
+        if isinstance(accepted, ScheduledRetry):
+            await self._record(
+                AuditEventType.TSQ_RETRY_SCHEDULED,
+                {"operator": request.operator, "not_before": accepted.at.isoformat()},
+            )
 
     async def _refuse(self, handler: str, received: str, problem: str) -> None:
         refusal = self._note_refusal(handler, received, problem)
@@ -683,6 +1023,35 @@ class TroubleshootingWorkflow:
             # A continued run has no static details of its own: the command's facts go here.
             details += "\n### Command\n" + render_static_details(self._command)
         workflow.set_current_details(details)
+
+
+def _snooze_request(raw: Any) -> SnoozeRequest:
+    return _parsed(SnoozeRequest, raw)
+
+
+def _unschedule_request(raw: Any) -> UnscheduleRequest:
+    return _parsed(UnscheduleRequest, raw if raw is not None else {})
+
+
+_T = TypeVar("_T", SnoozeRequest, UnscheduleRequest)
+
+
+def _parsed(model: type[_T], raw: Any) -> _T:
+    if isinstance(raw, UndecodableInput):
+        problem = json_problem(raw.value) if raw.readable else None
+        raise ApplicationError(
+            f"invalid input: {problem or raw.problem}",
+            type=InvalidInputError.__name__,
+            non_retryable=True,
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ApplicationError(
+            f"invalid input: {describe_validation_error(err)}",
+            type=InvalidInputError.__name__,
+            non_retryable=True,
+        ) from None
 
 
 def _validated(kind: DecisionKind, raw: Any) -> DecisionRequest:

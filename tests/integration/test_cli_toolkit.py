@@ -457,3 +457,92 @@ async def test_selection_of_all_misses_none_while_others_decide(
         )
     }
     assert still_waiting <= set(selected)
+
+
+async def test_policy_commands_set_list_show_delete(settings: Settings) -> None:
+    """`tsq policy set|list|show|delete`: the example of the README, as JSON and as text."""
+    domain = new_domain()
+    done = await _tsq(
+        settings,
+        *("policy", "set", domain, "--name", "slow-ledger", "--error-code", "LEDGER_TIMEOUT"),
+        *("--escalate-after", "1h", "--expire-after", "7d", "--expire-decision", "cancel"),
+        *("--reason", "ledger never answered", "--json"),
+    )
+    assert done.returncode == 0, done.stderr
+    policy = json.loads(done.stdout)
+    assert (policy["escalate_after"], policy["expire_after"]) == ("PT1H", "P7D")
+    listed = await _tsq(settings, "policy", "list", domain)
+    assert "slow-ledger" in listed.stdout and "LEDGER_TIMEOUT" in listed.stdout
+    shown = await _tsq(settings, "policy", "show", domain, "slow-ledger")
+    assert "after 1h" in shown.stdout and "cancel: ledger never answered" in shown.stdout
+    assert (await _tsq(settings, "policy", "delete", domain, "slow-ledger")).returncode == 0
+    gone = await _tsq(settings, "policy", "show", domain, "slow-ledger")
+    assert "no policy named 'slow-ledger'" in _one_error_line(gone, "policy")
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (("--escalate-after", "0s"), "longer than zero"),
+        (("--escalate-after", "11y"), "not a duration"),
+        (("--expire-after", "1h", "--expire-decision", "cancel"), "--reason"),
+        (("--expire-after", "1h"), "go together"),
+    ],
+)
+async def test_bad_policy_exits_one_naming_the_option(
+    settings: Settings, args: tuple[str, ...], problem: str
+) -> None:
+    """A bad policy: one line naming what is wrong, exit 1, nothing stored."""
+    domain = new_domain()
+    done = await _tsq(settings, "policy", "set", domain, "--name", "p", *args)
+    assert problem in _one_error_line(done, "policy")
+    assert "no policy" in (await _tsq(settings, "policy", "list", domain)).stdout
+
+
+@pytest.mark.parametrize(
+    ("when", "problem"),
+    [
+        (("--at", "2026-12-02T06:00"), "no time zone"),
+        (("--at", "2020-01-01T00:00Z"), "in the past"),
+        (("--at", "tomorrow"), "not an ISO 8601 time"),
+        (("--in", "soon"), "not a duration"),
+    ],
+)
+async def test_retry_at_a_bad_time_is_refused(
+    settings: Settings, pool: asyncpg.Pool, when: tuple[str, ...], problem: str
+) -> None:
+    """`--at` without a zone (refused, not guessed), in the past, or unreadable: exit 1."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    done = await _tsq(settings, "retry", domain, str(command_id), *when)
+    assert problem in _one_error_line(done, "retry")
+    assert await status_of(pool, domain, command_id) == "IN_TROUBLESHOOTING_QUEUE"
+
+
+async def test_retry_in_schedules_and_unschedule_drops_it(
+    settings: Settings, pool: asyncpg.Pool, tsq: TroubleshootingClient
+) -> None:
+    """`retry --in 1h` schedules; `unschedule` drops it; the command waits again."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    done = await _tsq(settings, "retry", domain, str(command_id), "--in", "1h")
+    assert done.returncode == 0, done.stderr
+    assert "retry scheduled for" in done.stdout
+    dropped = await _tsq(settings, "unschedule", domain, str(command_id), "--reason", "no")
+    assert dropped.returncode == 0, dropped.stderr
+    events = [e.event_type for e in await tsq.get_audit_trail(domain, command_id)]
+    assert events == ["TSQ_RETRY_SCHEDULED", "TSQ_RETRY_UNSCHEDULED"]
+
+
+async def test_snooze_command_pushes_the_deadlines(
+    settings: Settings, pool: asyncpg.Pool, tsq: TroubleshootingClient
+) -> None:
+    """`tsq snooze DOMAIN ID --for 2h --reason R` prints the new deadlines."""
+    domain = new_domain()
+    await tsq.set_policy(domain, "p", escalate_after="1h")
+    command_id = await seed_command(pool, domain)
+    done = await _tsq(
+        settings, "snooze", domain, str(command_id), "--for", "2h", "--reason", "later"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "snoozed for 2h; escalates at" in done.stdout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,101 @@ async def test_held_up_decision_shows_its_working_state_in_the_list(
     assert events[UPSERT] == 2 and events[MARKER] >= 2
     await _listed_as(tsq.temporal, handle.id, "CANCELED")
     assert await status_of(pool, domain, command_id) == "CANCELED"
+
+
+TIMER_STARTED = EventType.EVENT_TYPE_TIMER_STARTED
+
+
+async def _with_policy(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool, **policy: Any
+) -> tuple[str, uuid.UUID, WorkflowHandle[Any, DecisionOutcome]]:
+    domain = new_domain()
+    await tsq.set_policy(domain, "p", **policy)
+    command_id = await seed_command(pool, domain)
+    workflow_id = await tsq.start_workflow(domain, command_id)
+    return (
+        domain,
+        command_id,
+        tsq.temporal.get_workflow_handle(workflow_id, result_type=DecisionOutcome),
+    )
+
+
+async def test_escalation_then_cancel_upserts_escalated_once(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The escalation timer fires: one upsert (TsqEscalated), one audit event; then a cancel."""
+    _, _, handle = await _with_policy(tsq, pool, escalate_after="1s")
+    await _listed_as_escalated(tsq.temporal, handle.id)
+    await handle.signal("cancel", CANCEL)
+    events = await _events(handle, "escalated_then_cancel")
+    assert events[TIMER_STARTED] == 1 and events[UPSERT] == 2 and events[MARKER] == 2
+
+
+async def _listed_as_escalated(temporal: Client, workflow_id: str) -> None:
+    query = f'WorkflowId = "{workflow_id}" AND TsqEscalated = true'
+    await assert_eventually(
+        lambda: temporal.count_workflows(query), lambda n: n.count == 1, within=60
+    )
+
+
+async def test_expiry_writes_the_decision_of_the_policy(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The expiry timer fires and the policy's cancel is carried out like an operator's."""
+    _, _, handle = await _with_policy(
+        tsq, pool, expire_after="1s", expire_decision="cancel", reason="expired"
+    )
+    events = await _events(handle, "expired_cancel")
+    assert events[TIMER_STARTED] == 1 and events[UPSERT] == 1 and events[MARKER] == 1
+
+
+async def test_snooze_then_complete(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> None:
+    """A snooze restarts the timer later and writes its audit event; then a complete."""
+    domain, command_id, handle = await _with_policy(tsq, pool, escalate_after="1h")
+    await tsq.snooze(domain, command_id, "30m", "not now")
+    await handle.execute_update("operator_complete", {"result_data": None})
+    events = await _events(handle, "snoozed_then_complete")
+    assert events[TIMER_STARTED] == 2 and events[MARKER] == 2
+
+
+async def test_scheduled_retry_fires(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> None:
+    """RETRY_SCHEDULED until its time, then the retry."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    await tsq.start_workflow(domain, command_id)
+    at = datetime.now(UTC) + timedelta(seconds=1)
+    await tsq.operator_retry(domain, command_id, not_before=at)
+    handle = tsq.temporal.get_workflow_handle(
+        f"tsq:{domain}:{command_id}", result_type=DecisionOutcome
+    )
+    events = await _events(handle, "retry_scheduled_fired")
+    assert events[TIMER_STARTED] == 1 and events[UPSERT] == 2 and events[MARKER] == 2
+
+
+async def test_scheduled_retry_superseded_by_cancel(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A scheduled retry replaced by a cancel: two audit events, one decision."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    await tsq.start_workflow(domain, command_id)
+    await tsq.operator_retry(domain, command_id, not_before=datetime.now(UTC) + timedelta(hours=1))
+    handle = tsq.temporal.get_workflow_handle(
+        f"tsq:{domain}:{command_id}", result_type=DecisionOutcome
+    )
+    await handle.signal("cancel", CANCEL)
+    events = await _events(handle, "retry_scheduled_superseded")
+    assert events[MARKER] == 3
+
+
+async def test_refresh_after_another_tool_decided(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The watcher's refresh after an outside cancel: one read, DECIDED_ELSEWHERE."""
+    _, command_id, handle = await _parked(tsq, pool)
+    await pool.execute(
+        "UPDATE commandbus.command SET status = 'CANCELED' WHERE command_id = $1", command_id
+    )
+    await handle.signal("tsq_refresh")
+    events = await _events(handle, "refresh_decided_elsewhere")
+    assert (events[UPSERT], events[MARKER]) == (1, 1)

@@ -152,7 +152,7 @@ async def main(args: argparse.Namespace, settings: Settings) -> None:
                         dev_server_extra_args=[
                             arg
                             for name in SearchAttribute
-                            for arg in ("--search-attribute", f"{name.value}=Keyword")
+                            for arg in ("--search-attribute", f"{name.value}={name.kind}")
                         ],
                         dev_server_startup_timeout=timedelta(seconds=60),
                     )

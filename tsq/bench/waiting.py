@@ -1,6 +1,7 @@
 """Phase: thousands of commands waiting. The bus parks them by plain SQL and the watcher of a
-`tsq worker` process gives each its workflow; then the worker's memory and idle CPU, and how
-a single decision's latency grows from a hundred waiting to all of them.
+`tsq worker` process gives each its workflow; a policy (escalate after an hour, cancel after
+a week) gives each its timers. Then the worker's memory and idle CPU, and how a single
+decision's latency grows from a hundred waiting to all of them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ async def waiting_at_scale(bench: Bench) -> list[str]:
     domain, task_queue = bench.domain("wait"), bench.task_queue("wait")
     ids = await store.send_commands(bench.pool, domain, m + 2 * probes, parked=False)
     client = TroubleshootingClient(bench.temporal, bench.pool, task_queue=task_queue)
+    await client.set_policy(
+        domain,
+        "bench",
+        escalate_after="1h",
+        expire_after="7d",
+        expire_decision="cancel",
+        reason="waited a week",
+        operator=OPERATOR,
+    )
     first, rest = ids[: low + probes], ids[low + probes :]
 
     with WorkerProcess(bench.settings, task_queue, bench.work_dir / "waiting.log") as worker:

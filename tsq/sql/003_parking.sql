@@ -387,12 +387,12 @@ BEGIN
         'GRANT SELECT, INSERT ON commandbus.audit TO %I',
         'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('commandbus.audit', 'audit_id')
             || ' TO %I',
-        'GRANT SELECT ON commandbus.payload_archive, pgmq.meta, tsq.migration TO %I',
-        'GRANT SELECT, INSERT ON tsq.effect TO %I',
-        'GRANT SELECT, INSERT, UPDATE ON tsq.parking, tsq.lease, tsq.notice_group, tsq.notice '
-            'TO %I',
-        'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('tsq.parking', 'parking_id')
-            || ', ' || pg_get_serial_sequence('tsq.notice', 'notice_id') || ' TO %I'
+        'GRANT SELECT ON commandbus.payload_archive, pgmq.meta TO %I',
+        -- tsq's own tables, whatever later versions add; records it never rewrites below.
+        'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA tsq TO %I',
+        'GRANT USAGE ON ALL SEQUENCES IN SCHEMA tsq TO %I',
+        'REVOKE UPDATE, DELETE ON tsq.effect, tsq.migration FROM %I',
+        'REVOKE INSERT ON tsq.migration FROM %I'
     ] LOOP
         EXECUTE format(v_statement, p_role);
     END LOOP;
