@@ -17,8 +17,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from tsq import store
-from tsq.contract import DECISIONS, Activity
-from tsq.errors import InvalidInputError, PayloadNotFoundError
+from tsq.contract import Activity
+from tsq.errors import (
+    ApprovalRequiredError,
+    ClaimedError,
+    InvalidInputError,
+    PayloadNotFoundError,
+)
 from tsq.models import (
     CarryOut,
     DecisionOutcome,
@@ -33,13 +38,14 @@ from tsq.models import (
 
 log = logging.getLogger(__name__)
 
-# A decision that waits longer than this on a row lock fails the attempt and is retried later,
-# instead of holding a connection while another tool keeps the row locked.
-LOCK_TIMEOUT = "5s"
-
 # SQLSTATEs tsq.decide raises for refusals, and classes of errors that retrying cannot fix:
 # data the database will not take (22) and limits it will not pass (54).
-_REFUSALS: dict[str, type[Exception]] = {"TQ001": InvalidInputError, "TQ002": PayloadNotFoundError}
+_REFUSALS: dict[str, type[Exception]] = {
+    "TQ001": InvalidInputError,
+    "TQ002": PayloadNotFoundError,
+    "TQ003": ClaimedError,
+    "TQ004": ApprovalRequiredError,
+}
 _PERMANENT_CLASSES = ("22", "54")
 
 
@@ -55,21 +61,6 @@ def permanent(err: asyncpg.PostgresError) -> ApplicationError | None:
     return ApplicationError(str(err), type=kind.__name__, non_retryable=True)
 
 
-def decision_parameters(req: CarryOut, **extra: Any) -> dict[str, Any]:
-    """`tsq.decide`'s input: the request and what its kind of decision does."""
-    decision = DECISIONS[req.decision]
-    return {
-        **req.model_dump(mode="json"),
-        "status_after": decision.status_after.value,
-        "audit_event": decision.audit_event.value,
-        "reply_outcome": decision.reply_outcome,
-        "batch_update": decision.batch_update,
-        "past": decision.past,
-        "lock_timeout": LOCK_TIMEOUT,
-        **extra,
-    }
-
-
 class TroubleshootingActivities:
     """Built once per worker around its asyncpg pool."""
 
@@ -80,7 +71,7 @@ class TroubleshootingActivities:
     async def carry_out(self, req: CarryOut) -> DecisionOutcome:
         """Carry out an operator's decision: status, audit row and reply in one transaction."""
         try:
-            result = await store.decide(self._pool, decision_parameters(req))
+            result = await store.decide(self._pool, store.decision_input(req))
         except asyncpg.PostgresError as err:
             refusal = permanent(err)
             if refusal is None:

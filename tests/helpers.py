@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
 from tsq.db import migrate
 from tsq.devstack import TemporalDevServer, temporal_cli
-from tsq.settings import with_database
+from tsq.settings import Settings, with_database
 from tsq.store import ensure_queue
 
 T = TypeVar("T")
@@ -212,4 +215,71 @@ def run_temporal_cli(server: TemporalDevServer, *args: str) -> subprocess.Comple
         text=True,
         timeout=60,
         check=False,
+    )
+
+
+async def everything_of(pool: asyncpg.Pool, domain: str) -> dict[str, list[str]]:
+    """Every row that concerns `domain`, table by table: commandbus's and tsq's rows of the
+    domain, and its PGMQ queues (their meta rows, messages and archives). Equal before and
+    after means nothing about the domain was written."""
+    tables = await pool.fetch(
+        """
+        SELECT format('%I.%I', c.table_schema, c.table_name) AS name
+        FROM information_schema.columns c
+        JOIN information_schema.tables t USING (table_schema, table_name)
+        WHERE c.table_schema IN ('commandbus', 'tsq') AND c.column_name = 'domain'
+          AND t.table_type = 'BASE TABLE'
+        ORDER BY 1
+        """
+    )
+    queues = await pool.fetch(
+        "SELECT queue_name FROM pgmq.meta WHERE queue_name LIKE $1 ORDER BY 1", f"{domain}%"
+    )
+    found: dict[str, list[str]] = {}
+    for table in tables:
+        rows = await pool.fetch(
+            f"SELECT to_jsonb(t)::text AS row FROM {table['name']} t WHERE domain = $1 ORDER BY 1",
+            domain,
+        )
+        found[table["name"]] = [row["row"] for row in rows]
+    found["pgmq.meta"] = [row["queue_name"] for row in queues]
+    for queue in queues:
+        for kind in ("q", "a"):
+            name = await pool.fetchval("SELECT pgmq.format_table_name($1, $2)", queue[0], kind)
+            rows = await pool.fetch(
+                f'SELECT to_jsonb(t)::text AS row FROM pgmq."{name}" t ORDER BY 1'
+            )
+            found[f"pgmq.{name}"] = [row["row"] for row in rows]
+    return found
+
+
+TSQ = str(Path(sys.executable).parent / "tsq")
+
+
+def tsq_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `tsq` command run against the test session's services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TSQ_", "TEMPORAL_"))}
+    env.pop("DATABASE_URL", None)
+    env.update(
+        TSQ_DATABASE_URL=settings.database_url or "",
+        TEMPORAL_ADDRESS=settings.temporal_address,
+        TSQ_TASK_QUEUE=settings.task_queue,
+    )
+    env.update(extra)
+    return env
+
+
+async def run_tsq(
+    settings: Settings, *args: str, stdin: str = "", deadline: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run `tsq` as an operator would. stdin is always a pipe, never the terminal pytest may
+    run in: no prompt can wait forever."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [TSQ, *args],
+        env=tsq_env(settings),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=deadline,
     )

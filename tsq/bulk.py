@@ -13,14 +13,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import asyncpg
 from temporalio.exceptions import TemporalError
 
+from tsq import render
 from tsq.client import TroubleshootingClient
+from tsq.contract import DecisionKind
 from tsq.errors import (
     AlreadyDecidedError,
+    ClaimedError,
     CommandLineError,
     CommandNotFoundError,
     InvalidInputError,
@@ -50,6 +53,8 @@ class Filters(TypedDict):
 _LABELS = {
     "carried_out": "carried out",
     "accepted": "accepted (--no-wait)",
+    "proposed": "proposed (awaits another operator's approval)",
+    "claimed": "refused: claimed by another operator",
     "already_decided": "refused: already decided",
     "not_in_troubleshooting_queue": "refused: not in troubleshooting queue",
     "payload_not_found": "refused: original message not found",
@@ -59,7 +64,7 @@ _LABELS = {
     "not_started": "not started (interrupted)",
     "unknown": "interrupted in flight: outcome unknown (see `tsq show`)",
 }
-_DONE = ("carried_out", "accepted")
+_DONE = ("carried_out", "accepted", "proposed")
 _LISTED = 50
 _BAR = 30
 
@@ -114,6 +119,61 @@ async def decide_many(
     if failed:
         raise CommandLineError(
             f"{failed} of {_commands(len(results))} not carried out (see the summary)"
+        )
+
+
+# A dry run prints this many previews in full after the counts (--json prints every one).
+_PREVIEWED = 3
+_PREVIEW_LABELS = {
+    "would_carry_out": "would be carried out",
+    "would_propose": "would be proposed (needs another operator's approval)",
+    "already_decided": "already decided",
+    "not_in_troubleshooting_queue": "not in the troubleshooting queue",
+    "not_found": "not found",
+    "payload_not_found": "original message not found",
+    "claimed": "claimed by another operator",
+    "invalid": "invalid",
+    "error": "failed",
+}
+
+
+async def preview_many(
+    client: TroubleshootingClient,
+    kind: DecisionKind,
+    fields: dict[str, Any],
+    *,
+    domain: str,
+    filters: Filters | None,
+    as_json: bool,
+) -> None:
+    """`--dry-run` of a bulk decision: the count per outcome and the first few in full, from
+    the decisions' own transactions, rolled back. Nothing is written."""
+    out = sys.stderr if as_json else sys.stdout
+    if filters is None:
+        ids, rejected = _read_ids(await asyncio.to_thread(sys.stdin.read))
+    else:
+        ids, rejected = await _matching(client, domain, filters), []
+    previews = await client.preview_many(kind, domain, ids, fields) if ids else []
+    counts: Counter[str] = Counter(p.result for p in previews)
+    lines = [f"{kind.value} in {domain} (dry run, nothing written): {_commands(len(previews))}"]
+    lines += [
+        f"  {label:<56} {counts[result]:>6}"
+        for result, label in _PREVIEW_LABELS.items()
+        if counts[result]
+    ]
+    lines += [f"  {r.command_id}  {_LABELS[r.result]}: {r.detail}" for r in rejected]
+    print("\n".join(lines), file=out)
+    if as_json:
+        print(json.dumps([p.model_dump(mode="json") for p in previews]))
+    else:
+        for preview in previews[:_PREVIEWED]:
+            print("\n" + render.preview(preview))
+        if len(previews) > _PREVIEWED:
+            print(f"\n... and {len(previews) - _PREVIEWED} more (--json shows every one)")
+    refused = sum(p.would is None for p in previews) + len(rejected)
+    if refused:
+        raise CommandLineError(
+            f"{refused} of {_commands(len(previews) + len(rejected))} would not be carried out"
         )
 
 
@@ -215,6 +275,8 @@ async def _decide_one(decide: Decide, command_id: str) -> _Result:
         return _Result(command_id, "already_decided", str(err))
     except PayloadNotFoundError as err:
         return _Result(command_id, "payload_not_found", str(err))
+    except ClaimedError as err:
+        return _Result(command_id, "claimed", str(err))
     except InvalidOperationError as err:
         return _Result(command_id, "not_in_troubleshooting_queue", str(err))
     except (
@@ -229,6 +291,8 @@ async def _decide_one(decide: Decide, command_id: str) -> _Result:
         return _Result(command_id, "error", f"{type(err).__name__}: {one_line(err)}")
     if outcome is None:
         return _Result(command_id, "accepted", "accepted; the worker carries it out")
+    if outcome.proposal is not None:
+        return _Result(command_id, "proposed", outcome.detail)
     return _Result(
         command_id, "carried_out" if outcome.carried_out else "already_decided", outcome.detail
     )

@@ -99,6 +99,21 @@ def _result_data(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _patch(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"--patch is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(
+            "--patch must be a JSON object: a JSON merge patch (RFC 7396) of the original "
+            'message, such as \'{"data": {"account": "ACC-2"}}\''
+        )
+    return value
+
+
 # -- commands -----------------------------------------------------------------------------------
 
 
@@ -244,6 +259,10 @@ async def _policy(args: argparse.Namespace, settings: Settings) -> None:
                 expire_decision=args.expire_decision,
                 reason=args.reason,
                 result_data=_result_data(args.result_data),
+                require_approval=(args.require_approval or "").split(",")
+                if args.require_approval
+                else (),
+                approval_expires_after=args.approval_expires,
                 operator=args.operator,
             )
             print(policy.model_dump_json() if args.json else render.policy(policy))
@@ -290,32 +309,67 @@ async def _audit(args: argparse.Namespace, settings: Settings) -> None:
         print(f"no audit events for command {args.command_id}")
 
 
-def _decider(
-    client: TroubleshootingClient, args: argparse.Namespace, result_data: dict[str, Any] | None
-) -> bulk.Decide:
-    domain, operator, wait = args.domain, args.operator, not args.no_wait
+def _decision_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The decision's request as the options give it (the SDK's `preview_many` takes it)."""
+    fields: dict[str, Any] = {"operator": args.operator}
+    if args.force:
+        fields["force"] = True
+    if args.command == "cancel":
+        fields["reason"] = args.reason
+    elif args.command == "complete":
+        fields["result_data"] = _result_data(args.result_data)
+    else:
+        patch = _patch(args.patch)
+        if patch is not None:
+            fields["patch"] = patch
+    return fields
+
+
+def _decider(client: TroubleshootingClient, args: argparse.Namespace) -> bulk.Decide:
+    domain, operator, wait, force = args.domain, args.operator, not args.no_wait, args.force
     if args.command == "cancel":
         reason: str = args.reason
-        return lambda cid: client.operator_cancel(domain, cid, reason, operator=operator, wait=wait)
-    if args.command == "retry":
-        not_before = _not_before(args)
-        return lambda cid: client.operator_retry(
-            domain, cid, operator=operator, not_before=not_before, wait=wait
+        return lambda cid: client.operator_cancel(
+            domain, cid, reason, operator=operator, force=force, wait=wait
         )
+    if args.command == "retry":
+        not_before, patch = _not_before(args), _patch(args.patch)
+        return lambda cid: client.operator_retry(
+            domain,
+            cid,
+            operator=operator,
+            not_before=not_before,
+            patch=patch,
+            force=force,
+            wait=wait,
+        )
+    result_data = _result_data(args.result_data)
     return lambda cid: client.operator_complete(
-        domain, cid, result_data=result_data, operator=operator, wait=wait
+        domain, cid, result_data=result_data, operator=operator, force=force, wait=wait
     )
 
 
 async def _decision(args: argparse.Namespace, settings: Settings) -> None:
     """cancel, retry, complete: of COMMAND_ID, or of the many commands the options select."""
-    result_data = _result_data(args.result_data) if args.command == "complete" else None
+    kind = DecisionKind(args.command)
+    if args.dry_run and (args.no_wait or (kind is DecisionKind.RETRY and (args.at or args.in_))):
+        raise InvalidInputError("--dry-run shows a decision made now: no --no-wait, --at or --in")
     if args.command_id is None:
         filters = _bulk_selection(args)
         async with await TroubleshootingClient.connect(settings) as client:
+            if args.dry_run:
+                await bulk.preview_many(
+                    client,
+                    kind,
+                    _decision_fields(args),
+                    domain=args.domain,
+                    filters=filters,
+                    as_json=args.json,
+                )
+                return
             await bulk.decide_many(
                 client,
-                _decider(client, args, result_data),
+                _decider(client, args),
                 verb=args.command,
                 domain=args.domain,
                 filters=filters,
@@ -328,13 +382,71 @@ async def _decision(args: argparse.Namespace, settings: Settings) -> None:
     if args.stdin or args.all or _selects(_filters(args)):
         raise InvalidInputError("give a COMMAND_ID or filters / --stdin / --all, not both")
     async with await TroubleshootingClient.connect(settings) as client:
-        outcome = await _decider(client, args, result_data)(args.command_id)
+        if args.dry_run:
+            [preview] = await client.preview_many(
+                kind, args.domain, [args.command_id], _decision_fields(args)
+            )
+            print(preview.model_dump_json() if args.json else render.preview(preview))
+            if preview.would is None:
+                raise CommandLineError(f"{args.command} would not be carried out")
+            return
+        outcome = await _decider(client, args)(args.command_id)
     if outcome is None:
         print(f"{args.command} of {args.command_id} accepted; the worker carries it out")
     elif args.json:
         print(outcome.model_dump_json())
+    elif outcome.proposal is not None:
+        print(
+            f"{args.command_id}: {outcome.detail}; another operator approves it with "
+            f"`tsq approve {args.domain} {args.command_id}` (or rejects it: `tsq reject`)"
+        )
     else:
         print(f"{args.command_id}: {outcome.detail}")
+
+
+async def _approve(args: argparse.Namespace, settings: Settings) -> None:
+    async with await TroubleshootingClient.connect(settings) as client:
+        if args.command == "approve":
+            outcome = await client.approve(
+                args.domain, args.command_id, operator=args.operator, comment=args.comment
+            )
+            print(
+                outcome.model_dump_json() if args.json else f"{args.command_id}: {outcome.detail}"
+            )
+            return
+        state = await client.reject(
+            args.domain, args.command_id, args.reason, operator=args.operator
+        )
+    print(
+        state.model_dump_json()
+        if args.json
+        else f"{args.command_id}: proposal rejected; the command is {state.state.value}"
+    )
+
+
+async def _people(args: argparse.Namespace, settings: Settings) -> None:
+    """note, claim, release."""
+    async with await TroubleshootingClient.connect(settings) as client:
+        if args.command == "note":
+            state = await client.note(
+                args.domain, args.command_id, args.text, operator=args.operator
+            )
+            done = f"note added ({state.notes_count} in all)"
+        elif args.command == "claim":
+            state = await client.claim(
+                args.domain,
+                args.command_id,
+                operator=args.operator,
+                for_=args.for_,
+                force=args.force,
+            )
+            done = f"claimed by {state.claimed_by} until {render.when(state.claimed_until)}"
+        else:
+            state = await client.release(
+                args.domain, args.command_id, operator=args.operator, force=args.force
+            )
+            done = "released"
+    print(state.model_dump_json() if args.json else f"{args.command_id}: {done}")
 
 
 def _bulk_selection(args: argparse.Namespace) -> bulk.Filters | None:
@@ -389,6 +501,14 @@ def _decision_parser(
     )
     p.add_argument("--no-wait", action="store_true", help="return once the decision is accepted")
     p.add_argument("--json", action="store_true", help="print the outcome(s) as JSON")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show exactly what it would do (its transaction, rolled back); nothing is written",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="decide although another operator claimed it (audited)"
+    )
     many = p.add_argument_group("many commands at once (no COMMAND_ID)")
     _add_filters(many)
     many.add_argument(
@@ -409,10 +529,12 @@ def _decision_parser(
 def _policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "policy",
-        help="what happens to commands nobody decides: escalate, expire (set|list|show|delete)",
+        help="escalate, expire, ask for approval (set|list|show|delete)",
         description="Policies of a domain, narrowed by command type and/or error code (the most "
-        "specific match wins): escalate after a while, expire after a while with a decision. "
-        "Durations: 90s, 15m, 2h, 7d. Every change is audited and reaches waiting workflows.",
+        "specific match gives the deadlines): escalate after a while, expire after a while with "
+        "a decision, and make decisions proposals another operator approves (approvals add up "
+        "across matching policies). Durations: 90s, 15m, 2h, 7d. Every change is audited and "
+        "reaches waiting workflows.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = actions.add_parser("set", help="create or replace a policy")
@@ -427,6 +549,14 @@ def _policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s.add_argument(
         "--result-data", metavar="JSON", help="the complete's data (--expire-decision complete)"
     )
+    s.add_argument(
+        "--require-approval",
+        metavar="KINDS",
+        help="decisions another operator must approve: cancel,retry,complete (any of them)",
+    )
+    s.add_argument(
+        "--approval-expires", metavar="DUR", help="how long a proposal waits (default 24h)"
+    )
     for name in ("list", "show", "delete"):
         a = actions.add_parser(name, help=f"{name} {'policies' if name == 'list' else 'a policy'}")
         a.add_argument("domain")
@@ -436,6 +566,18 @@ def _policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         a.add_argument("--operator", default=_default_operator(), help="who (default: you)")
         a.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_policy)
+
+
+def _one_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, what: str
+) -> argparse.ArgumentParser:
+    """A command on one command: DOMAIN COMMAND_ID, --operator, --json."""
+    p = sub.add_parser(name, help=what)
+    p.add_argument("domain")
+    p.add_argument("command_id")
+    p.add_argument("--operator", default=_default_operator(), help="who (default: you)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _decision_parser(sub, DecisionKind.CANCEL)
     p.add_argument("--reason", required=True, help="why (sent in the reply, kept in the audit)")
     p = _decision_parser(sub, DecisionKind.RETRY)
+    p.add_argument(
+        "--patch",
+        metavar="JSON",
+        help="edit the message first: a JSON merge patch (RFC 7396), e.g. "
+        '\'{"data": {"account": "ACC-2"}}\'; only the edited message is sent',
+    )
     when = p.add_mutually_exclusive_group()
     when.add_argument(
         "--at", metavar="ISO", help="retry at this time (ISO 8601 with its zone: ...Z or +01:00)"
@@ -517,22 +665,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_show)
 
-    p = sub.add_parser("snooze", help="move a command's escalation and expiry later (audited)")
-    p.add_argument("domain")
-    p.add_argument("command_id")
+    p = _one_command(sub, "snooze", "move a command's escalation and expiry later (audited)")
     p.add_argument("--for", dest="for_", required=True, metavar="DUR", help="how much later: 2h")
     p.add_argument("--reason", required=True, help="why (kept in the audit)")
-    p.add_argument("--operator", default=_default_operator(), help="who (default: you)")
-    p.add_argument("--json", action="store_true", help="print the state as JSON")
     p.set_defaults(run=_snooze)
-
-    p = sub.add_parser("unschedule", help="drop a retry scheduled for later; the command waits")
-    p.add_argument("domain")
-    p.add_argument("command_id")
+    p = _one_command(sub, "unschedule", "drop a retry scheduled for later; the command waits")
     p.add_argument("--reason", help="why (kept in the audit)")
-    p.add_argument("--operator", default=_default_operator(), help="who (default: you)")
-    p.add_argument("--json", action="store_true", help="print the state as JSON")
     p.set_defaults(run=_unschedule)
+
+    p = _one_command(
+        sub, "approve", "carry out the decision another operator proposed (PENDING_APPROVAL)"
+    )
+    p.add_argument("--comment", help="kept in the audit")
+    p.set_defaults(run=_approve)
+    p = _one_command(
+        sub, "reject", "drop the decision another operator proposed; the command waits again"
+    )
+    p.add_argument("--reason", required=True, help="why (kept in the audit)")
+    p.set_defaults(run=_approve)
+
+    p = _one_command(sub, "note", "leave a note on a command (audited, shown by `show`)")
+    p.add_argument("text")
+    p.set_defaults(run=_people)
+    p = _one_command(sub, "claim", "say you are on a command: others' decisions need --force")
+    p.add_argument("--for", dest="for_", default="1h", metavar="DUR", help="how long (default 1h)")
+    p.add_argument("--force", action="store_true", help="take over another's claim (audited)")
+    p.set_defaults(run=_people)
+    p = _one_command(sub, "release", "give up your claim on a command")
+    p.add_argument("--force", action="store_true", help="release another's claim (audited)")
+    p.set_defaults(run=_people)
 
     _policy_parser(sub)
 

@@ -7,14 +7,15 @@ import logging
 import re
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from uuid import UUID, uuid4
 
 import asyncpg
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -56,11 +57,18 @@ from tsq.errors import (
     TroubleshootingError,
 )
 from tsq.models import (
+    CLAIM_LASTS,
     REQUEST_MODELS,
+    ApproveRequest,
+    CarryOut,
+    ClaimRequest,
     CommandSnapshot,
     DecisionOutcome,
     DecisionRequest,
+    NoteRequest,
     Policy,
+    RejectRequest,
+    ReleaseRequest,
     SnoozeRequest,
     StateView,
     UnscheduleRequest,
@@ -71,15 +79,18 @@ from tsq.temporal import connect
 from tsq.views import (
     AuditEvent,
     CommandDetails,
+    DecisionPreview,
     LastError,
     PolicyView,
     TroubleshootingItem,
     WaitingGroup,
+    Would,
 )
 from tsq.workflows import COMMAND_DOMAIN, COMMAND_TYPE, LAST_ERROR_CODE, TSQ_STATE
 from tsq.workflows.details import render_static_details, render_summary
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 TSQ = CommandStatus.IN_TROUBLESHOOTING_QUEUE
 MAX_PAGE = 1000
@@ -211,10 +222,16 @@ def policy_input(
     expire_decision: str | None,
     reason: str | None,
     result_data: dict[str, Any] | None,
+    require_approval: Sequence[str] = (),
+    approval_expires_after: timedelta | str | None = None,
 ) -> Policy:
     """A policy as given by a person: each problem named after the option it came from."""
     durations = {}
-    for option, value in (("escalate_after", escalate_after), ("expire_after", expire_after)):
+    for option, value in (
+        ("escalate_after", escalate_after),
+        ("expire_after", expire_after),
+        ("approval_expires_after", approval_expires_after),
+    ):
         if isinstance(value, str):
             durations[option] = parse_duration(value, option.replace("_", "-"))
         elif isinstance(value, timedelta):
@@ -235,8 +252,19 @@ def policy_input(
         raise InvalidInputError("--reason goes with --expire-decision cancel")
     if expire_decision != "complete" and result_data is not None:
         raise InvalidInputError("--result-data goes with --expire-decision complete")
-    if not durations:
-        raise InvalidInputError("a policy needs escalate-after, expire-after, or both")
+    kinds = [kind.strip() for kind in require_approval if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in {k.value for k in DecisionKind}]
+    if unknown:
+        raise InvalidInputError(
+            f"require-approval {', '.join(map(repr, unknown))}: the decisions are cancel, retry "
+            "and complete"
+        )
+    if "approval_expires_after" in durations and not kinds:
+        raise InvalidInputError("--approval-expires goes with --require-approval")
+    if not (kinds or "escalate_after" in durations or "expire_after" in durations):
+        raise InvalidInputError(
+            "a policy needs escalate-after, expire-after or require-approval (or several)"
+        )
     try:
         return Policy.model_validate(
             {
@@ -245,10 +273,71 @@ def policy_input(
                 "expire_decision": expire_decision,
                 "expire_reason": reason,
                 "expire_result_data": result_data,
+                "require_approval": sorted(set(kinds)),
             }
         )
     except ValidationError as err:
         raise _input_error(err) from None
+
+
+def _fields(**values: Any) -> dict[str, Any]:
+    """A request's fields as given: `force` only when set, so the request stays as short as
+    an operator would type it."""
+    if not values.get("force"):
+        values.pop("force", None)
+    return values
+
+
+def _retry_fields(
+    operator: str | None,
+    not_before: datetime | None,
+    patch: dict[str, Any] | None,
+    force: bool,
+) -> dict[str, Any]:
+    fields = _fields(operator=operator, force=force)
+    if not_before is not None:
+        fields["not_before"] = _aware(not_before, "not_before")
+    if patch is not None:
+        fields["patch"] = patch
+    return fields
+
+
+_REFUSED_PREVIEW = {"TQ001": "invalid", "TQ002": "payload_not_found", "TQ003": "claimed"}
+
+
+def preview_of(
+    kind: DecisionKind, domain: str, command_id: UUID, needs_approval: bool, result: Any
+) -> DecisionPreview:
+    """A decision's preview from what `tsq.preview` read back (or the refusal it raised)."""
+    preview: dict[str, Any] = {
+        "domain": domain,
+        "command_id": command_id,
+        "decision": kind,
+        "needs_approval": needs_approval,
+    }
+    if isinstance(result, asyncpg.PostgresError):
+        preview["result"] = "error"
+        preview["detail"] = str(result)
+        return DecisionPreview.model_validate(preview)
+    if "refused" in result:
+        refused = result["refused"]
+        preview["result"] = _REFUSED_PREVIEW.get(refused["sqlstate"], "error")
+        preview["detail"] = refused["message"]
+        return DecisionPreview.model_validate(preview)
+    outcome = DecisionOutcome.model_validate(result["outcome"])
+    if not outcome.carried_out:
+        terminal = result.get("status_before") in {s.value for s in TERMINAL_STATUSES}
+        preview["result"] = "already_decided" if terminal else "not_in_troubleshooting_queue"
+        preview["detail"] = outcome.detail
+        return DecisionPreview.model_validate(preview)
+    preview["result"] = "would_propose" if needs_approval else "would_carry_out"
+    preview["detail"] = (
+        f"would be proposed, and once another operator approves it: {outcome.detail}"
+        if needs_approval
+        else f"would be {outcome.detail}"
+    )
+    preview["would"] = {key: result.get(key) for key in Would.model_fields}
+    return DecisionPreview.model_validate(preview)
 
 
 def _decision_doc(kind: DecisionKind, returns: str) -> str:
@@ -257,7 +346,8 @@ def _decision_doc(kind: DecisionKind, returns: str) -> str:
     return (
         f"{kind.value.capitalize()}: {decision.effect}.\n\n{returns} Raises "
         "`CommandNotFoundError`, `InvalidOperationError` (not in the troubleshooting queue, "
-        "already decided; `PayloadNotFoundError` when a retry has no original message) or "
+        "already decided; `PayloadNotFoundError` when a retry has no original message; "
+        "`ClaimedError` when another operator claimed the command and `force` is not set) or "
         "`InvalidInputError` (blank reason, bad id, result data PostgreSQL cannot store); in "
         "every such case nothing changed."
     )
@@ -265,7 +355,9 @@ def _decision_doc(kind: DecisionKind, returns: str) -> str:
 
 _RETURNS = (
     "Returns the outcome once status, audit and reply are done; with `wait=False`, returns "
-    "None as soon as the workflow has accepted the decision."
+    "None as soon as the workflow has accepted the decision. Where a policy asks for approval "
+    "the decision becomes a proposal: the outcome is not carried out and names the `proposal` "
+    "(another operator calls `approve`)."
 )
 
 
@@ -321,13 +413,14 @@ class TroubleshootingClient:
         reason: str,
         *,
         operator: str | None = None,
+        force: bool = False,
         wait: bool = True,
     ) -> DecisionOutcome | None:
         return await self._decide(
             DecisionKind.CANCEL,
             domain,
             command_id,
-            {"reason": reason, "operator": operator},
+            _fields(reason=reason, operator=operator, force=force),
             wait=wait,
         )
 
@@ -340,18 +433,21 @@ class TroubleshootingClient:
         *,
         operator: str | None = None,
         not_before: datetime | None = None,
+        patch: dict[str, Any] | None = None,
+        force: bool = False,
         wait: bool = True,
     ) -> DecisionOutcome | None:
-        fields: dict[str, Any] = {"operator": operator}
-        if not_before is not None:
-            fields["not_before"] = _aware(not_before, "not_before")
+        fields = _retry_fields(operator, not_before, patch, force)
         return await self._decide(DecisionKind.RETRY, domain, command_id, fields, wait=wait)
 
     operator_retry.__doc__ = _decision_doc(
         DecisionKind.RETRY,
         _RETURNS
         + " With `not_before` (a time with its zone, in the future) the retry waits until then:"
-        " the outcome says when (`scheduled_for`); any other decision before it replaces it.",
+        " the outcome says when (`scheduled_for`); any other decision before it replaces it."
+        " With `patch` (a JSON merge patch, RFC 7396) the original message is edited before it"
+        " is sent; the edited one alone is sent, and the audit keeps the patch and hashes of"
+        " both.",
     )
 
     async def operator_complete(
@@ -361,13 +457,14 @@ class TroubleshootingClient:
         *,
         result_data: dict[str, Any] | None = None,
         operator: str | None = None,
+        force: bool = False,
         wait: bool = True,
     ) -> DecisionOutcome | None:
         return await self._decide(
             DecisionKind.COMPLETE,
             domain,
             command_id,
-            {"result_data": result_data, "operator": operator},
+            _fields(result_data=result_data, operator=operator, force=force),
             wait=wait,
         )
 
@@ -423,7 +520,22 @@ class TroubleshootingClient:
                     f"workflow {workflow_id(domain, cid)} answered for command "
                     f"{outcome.command_id}, not {cid}: it does not name its command"
                 )
+            if outcome is not None and outcome.proposal is not None:
+                await self._still_parked(domain, cid, row["parking_id"])
             return outcome
+
+    async def _still_parked(self, domain: str, cid: UUID, parking_id: int) -> None:
+        """A proposal is only worth its approval while its parking is open: one made in the
+        moment the command was decided elsewhere (the update then started a run for a parking
+        that had ended) is ended at once, and the caller told."""
+        current = await store.command(self.pool, domain, cid)
+        if current is not None and current["parking_id"] == parking_id:
+            return
+        await self._refresh(workflow_id(domain, cid))
+        raise AlreadyDecidedError(
+            f"command {cid} in {domain} was decided meanwhile ("
+            f"{current['status'] if current else 'deleted'}): nothing to propose"
+        )
 
     async def _send_update(
         self,
@@ -473,7 +585,9 @@ class TroubleshootingClient:
             for_.total_seconds() if isinstance(for_, timedelta) else parse_duration(for_, "for")
         )
         request = {"for": seconds, "reason": reason, "operator": operator}
-        return await self._time_update("operator_snooze", domain, command_id, request)
+        return await self._message(
+            "operator_snooze", SnoozeRequest, domain, command_id, request, StateView
+        )
 
     async def unschedule(
         self,
@@ -485,28 +599,226 @@ class TroubleshootingClient:
     ) -> StateView:
         """Drop a retry scheduled for later: the command waits again (TSQ_RETRY_UNSCHEDULED)."""
         request = {"operator": operator, "reason": reason}
-        return await self._time_update("operator_unschedule", domain, command_id, request)
+        return await self._message(
+            "operator_unschedule", UnscheduleRequest, domain, command_id, request, StateView
+        )
 
-    async def _time_update(
-        self, update: str, domain: str, command_id: str | UUID, request: dict[str, Any]
+    # -- four eyes --------------------------------------------------------------------------
+
+    async def approve(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        operator: str,
+        comment: str | None = None,
+    ) -> DecisionOutcome:
+        """Approve the decision proposed for the command (PENDING_APPROVAL): it is carried out
+        and its outcome returned (a retry proposed for later is scheduled). `operator` must not
+        be the proposer (compared trimmed, case-insensitively). Of two approvals racing, one
+        carries the decision out; the other is refused. Audited as TSQ_APPROVED."""
+        request = _fields(operator=operator, comment=comment)
+        return await self._message(
+            "operator_approve", ApproveRequest, domain, command_id, request, DecisionOutcome
+        )
+
+    async def reject(
+        self, domain: str, command_id: str | UUID, reason: str, *, operator: str
     ) -> StateView:
+        """Reject the decision proposed for the command: it is dropped and the command waits
+        again. `operator` must not be the proposer. Audited as TSQ_REJECTED."""
+        request = {"operator": operator, "reason": reason}
+        return await self._message(
+            "operator_reject", RejectRequest, domain, command_id, request, StateView
+        )
+
+    # -- notes and claims -------------------------------------------------------------------
+
+    async def note(
+        self, domain: str, command_id: str | UUID, text: str, *, operator: str | None = None
+    ) -> StateView:
+        """Leave a note on a waiting command: shown in `show`, the details and the state,
+        audited as TSQ_NOTE."""
+        request = {"text": text, "operator": operator}
+        return await self._message(
+            "operator_note", NoteRequest, domain, command_id, request, StateView
+        )
+
+    async def claim(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        operator: str,
+        for_: timedelta | str = CLAIM_LASTS,
+        force: bool = False,
+    ) -> StateView:
+        """Claim a waiting command for `for_` (default 1h): `TsqClaimedBy` names `operator`,
+        and other operators' decisions are refused unless they pass `force` (audited as
+        TSQ_CLAIM_FORCED). Claiming it again extends the claim; `force` takes over another
+        operator's claim. Audited as TSQ_CLAIMED."""
+        seconds = (
+            for_.total_seconds() if isinstance(for_, timedelta) else parse_duration(for_, "for")
+        )
+        request = _fields(operator=operator, force=force) | {"for": seconds}
+        return await self._message(
+            "operator_claim", ClaimRequest, domain, command_id, request, StateView
+        )
+
+    async def release(
+        self, domain: str, command_id: str | UUID, *, operator: str, force: bool = False
+    ) -> StateView:
+        """Give up a claim; another operator's only with `force`. Audited as TSQ_RELEASED."""
+        request = _fields(operator=operator, force=force)
+        return await self._message(
+            "operator_release", ReleaseRequest, domain, command_id, request, StateView
+        )
+
+    async def _message(
+        self,
+        update: str,
+        model: type[BaseModel],
+        domain: str,
+        command_id: str | UUID,
+        request: dict[str, Any],
+        result_type: type[_R],
+    ) -> _R:
+        """Send one of the workflow's updates other than a decision, checked here first."""
         domain, cid = _domain(domain), _command_uuid(command_id)
-        model = SnoozeRequest if update == "operator_snooze" else UnscheduleRequest
         try:
             model.model_validate(request)
         except ValidationError as err:
             raise _input_error(err) from None
-        row = await self._decidable(domain, cid)
+        handle = await self._run_of(await self._decidable(domain, cid))
         try:
-            state: StateView = await self.temporal.execute_update_with_start_workflow(
-                update,
-                request,
-                start_workflow_operation=self._start_operation(snapshot(row)),
-                result_type=StateView,
-            )
+            answer: _R = await handle.execute_update(update, request, result_type=result_type)
         except WorkflowUpdateFailedError as err:
             raise _from_update_failure(err) from None
-        return state
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise AlreadyDecidedError(
+                f"command {cid} in {domain} was decided meanwhile: its workflow has ended"
+            ) from None
+        return answer
+
+    # -- previews ---------------------------------------------------------------------------
+
+    async def preview_cancel(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        reason: str,
+        *,
+        operator: str | None = None,
+        force: bool = False,
+    ) -> DecisionPreview:
+        [preview] = await self.preview_many(
+            DecisionKind.CANCEL,
+            domain,
+            [command_id],
+            _fields(reason=reason, operator=operator, force=force),
+        )
+        return preview
+
+    async def preview_retry(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        operator: str | None = None,
+        patch: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> DecisionPreview:
+        [preview] = await self.preview_many(
+            DecisionKind.RETRY, domain, [command_id], _retry_fields(operator, None, patch, force)
+        )
+        return preview
+
+    async def preview_complete(
+        self,
+        domain: str,
+        command_id: str | UUID,
+        *,
+        result_data: dict[str, Any] | None = None,
+        operator: str | None = None,
+        force: bool = False,
+    ) -> DecisionPreview:
+        [preview] = await self.preview_many(
+            DecisionKind.COMPLETE,
+            domain,
+            [command_id],
+            _fields(result_data=result_data, operator=operator, force=force),
+        )
+        return preview
+
+    preview_cancel.__doc__ = preview_retry.__doc__ = preview_complete.__doc__ = (
+        "What the decision would do, exactly: the decision's own transaction is run and rolled "
+        "back, and what it wrote is read back before the rollback — the status after, the "
+        "reply and its queue (a retry: the message it would send, edited by `patch`), the "
+        "audit rows, the batch counters before and after and whether the batch would close. "
+        "Nothing is written, sent or notified, and the workflow is not told. `needs_approval` "
+        "says the decision would first be a proposal."
+    )
+
+    async def preview_many(
+        self,
+        kind: DecisionKind,
+        domain: str,
+        command_ids: Sequence[str | UUID],
+        fields: dict[str, Any],
+    ) -> list[DecisionPreview]:
+        """`preview_*` for many commands, in one transaction rolled back at the end: each
+        decision sees what the earlier ones would have done (a batch closing on the last)."""
+        try:
+            REQUEST_MODELS[kind].model_validate(fields)
+        except ValidationError as err:
+            raise _input_error(err) from None
+        domain = _domain(domain)
+        ids = [_command_uuid(cid) for cid in command_ids]
+        rows = await store.commands_of(self.pool, [(domain, cid) for cid in ids])
+        inputs = []
+        for cid in ids:
+            row = rows.get((domain, cid))
+            if row is None:
+                continue
+            request = REQUEST_MODELS[kind].model_validate(
+                {**fields, "parking_id": row["parking_id"]}
+            )
+            needs_approval = kind.value in ((row["policy"] or {}).get("require_approval") or [])
+            carry_out = CarryOut(
+                effect_key=f"preview/{uuid4()}",
+                workflow_id=workflow_id(domain, cid),
+                domain=domain,
+                command_id=cid,
+                decision=kind,
+                parking_id=row["parking_id"],
+                reason=getattr(request, "reason", None),
+                operator=request.operator,
+                result_data=getattr(request, "result_data", None),
+                # Once approved, the decision is carried out as an approval.
+                via="approval" if needs_approval else "update",
+                request_id=str(uuid4()),
+                patch=getattr(request, "patch", None),
+                force=request.force,
+            )
+            inputs.append((cid, needs_approval, store.decision_input(carry_out)))
+        results = await store.preview(self.pool, [decision for _, _, decision in inputs])
+        previews = {
+            cid: preview_of(kind, domain, cid, needs, result)
+            for (cid, needs, _), result in zip(inputs, results, strict=True)
+        }
+        return [
+            previews.get(cid)
+            or DecisionPreview(
+                domain=domain,
+                command_id=cid,
+                decision=kind,
+                result="not_found",
+                detail=f"command {cid} not found in domain {domain}",
+            )
+            for cid in ids
+        ]
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -522,10 +834,15 @@ class TroubleshootingClient:
         expire_decision: str | None = None,
         reason: str | None = None,
         result_data: dict[str, Any] | None = None,
+        require_approval: Sequence[str] = (),
+        approval_expires_after: timedelta | str | None = None,
         operator: str | None = None,
     ) -> PolicyView:
         """Create or replace the policy `name` of `domain` (see `tsq policy set`): the waiting
-        workflows of the domain follow it within moments; audited as TSQ_POLICY_CHANGED."""
+        workflows of the domain follow it within moments; audited as TSQ_POLICY_CHANGED.
+
+        `require_approval` (cancel, retry, complete) makes those decisions proposals that
+        another operator approves within `approval_expires_after` (default 24h)."""
         policy = policy_input(
             name,
             escalate_after=escalate_after,
@@ -533,6 +850,8 @@ class TroubleshootingClient:
             expire_decision=expire_decision,
             reason=reason,
             result_data=result_data,
+            require_approval=require_approval,
+            approval_expires_after=approval_expires_after,
         )
         _, after = await store.set_policy(
             self.pool,
@@ -827,17 +1146,34 @@ class TroubleshootingClient:
     async def _bound_parking(self, wid: str) -> tuple[int | None, bool]:
         """The parking the latest run of `wid` is bound to (None: not known yet) and whether
         it is running."""
+        bound, running, _ = await self._latest_run(wid)
+        return bound, running
+
+    async def _latest_run(self, wid: str) -> tuple[int | None, bool, str | None]:
+        """The latest run of `wid`: its parking, whether it is running, its run id."""
         try:
             described = await self.temporal.get_workflow_handle(wid).describe()
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
-                return None, False
+                return None, False, None
             raise
         running = described.status == WorkflowExecutionStatus.RUNNING
         memo = await described.memo()
         tsq = memo.get(MEMO_KEY)
         bound = tsq.get("parking_id") if isinstance(tsq, dict) else None
-        return (bound if isinstance(bound, int) else None), running
+        return (bound if isinstance(bound, int) else None), running, described.run_id
+
+    async def _run_of(self, row: asyncpg.Record) -> WorkflowHandle[Any, Any]:
+        """The running workflow of the command's parking (started if it has none yet), by its
+        run: a message that arrives after the run has ended fails instead of starting another
+        run for a command decided meanwhile."""
+        parked = snapshot(row)
+        wid = workflow_id(parked.domain, parked.command_id)
+        bound, running, run_id = await self._latest_run(wid)
+        if not (running and bound == parked.parking_id):
+            await self.ensure_started(parked, wait=EARLIER_RUN_WAIT)
+            bound, running, run_id = await self._latest_run(wid)
+        return self.temporal.get_workflow_handle(wid, run_id=run_id)
 
     async def _refresh(self, wid: str) -> None:
         try:

@@ -38,7 +38,8 @@ def parse_workflow_id(wid: str) -> tuple[str, UUID] | None:
 
 class SearchAttribute(StrEnum):
     """tsq's search attributes, registered by `tsq migrate` and the worker: Keyword, but for
-    `TsqEscalated` (Bool, set true when a policy's escalation passed undecided)."""
+    `TsqEscalated` (Bool, set true when a policy's escalation passed undecided). `TsqClaimedBy`
+    names the operator who claimed the command, while the claim lasts."""
 
     @property
     def kind(self) -> str:
@@ -49,6 +50,7 @@ class SearchAttribute(StrEnum):
     TSQ_STATE = "TsqState"
     LAST_ERROR_CODE = "LastErrorCode"
     TSQ_ESCALATED = "TsqEscalated"
+    TSQ_CLAIMED_BY = "TsqClaimedBy"
 
 
 # The server refuses Keyword values over 2 KB; tsq keeps well under it and marks the cut.
@@ -91,12 +93,21 @@ class AuditEventType(StrEnum):
     TSQ_SNOOZED = "TSQ_SNOOZED"
     TSQ_RETRY_SCHEDULED = "TSQ_RETRY_SCHEDULED"
     TSQ_RETRY_UNSCHEDULED = "TSQ_RETRY_UNSCHEDULED"
+    TSQ_PROPOSED = "TSQ_PROPOSED"
+    TSQ_APPROVED = "TSQ_APPROVED"
+    TSQ_REJECTED = "TSQ_REJECTED"
+    TSQ_PROPOSAL_EXPIRED = "TSQ_PROPOSAL_EXPIRED"
+    TSQ_NOTE = "TSQ_NOTE"
+    TSQ_CLAIMED = "TSQ_CLAIMED"
+    TSQ_RELEASED = "TSQ_RELEASED"
+    TSQ_CLAIM_FORCED = "TSQ_CLAIM_FORCED"
 
 
 class TsqState(StrEnum):
     """Value of the `TsqState` search attribute and of `state().state`."""
 
     AWAITING_OPERATOR = "AWAITING_OPERATOR"
+    PENDING_APPROVAL = "PENDING_APPROVAL"
     RETRY_SCHEDULED = "RETRY_SCHEDULED"
     CANCELING = "CANCELING"
     CANCELED = "CANCELED"
@@ -105,6 +116,14 @@ class TsqState(StrEnum):
     COMPLETING = "COMPLETING"
     COMPLETED = "COMPLETED"
     DECIDED_ELSEWHERE = "DECIDED_ELSEWHERE"
+
+
+def same_operator(a: str | None, b: str | None) -> bool:
+    """Whether two operator names are one person's: compared trimmed, case-insensitively (the
+    database compares them the same way, `tsq.same_operator`)."""
+    if a is None or b is None:
+        return False
+    return a.strip().lower() == b.strip().lower()
 
 
 class DecisionKind(StrEnum):

@@ -27,6 +27,16 @@ class PayloadNotFoundError(InvalidOperationError):
     """Retry refused: the command's original message is in no archive tsq can read."""
 
 
+class ClaimedError(InvalidOperationError):
+    """Another operator has claimed the command: their claim must be released, expire, or be
+    overridden with `force` (audited)."""
+
+
+class ApprovalRequiredError(InvalidOperationError):
+    """The decision needs a second operator's approval (a policy says so): it is proposed
+    through the workflow, never carried out directly."""
+
+
 class StaleParkingError(InvalidOperationError):
     """The workflow reached is finishing an earlier parking of the command; its workflow for
     the current parking follows once it has ended."""
@@ -49,6 +59,8 @@ ERROR_TYPES: dict[str, type[TroubleshootingError]] = {
         InvalidOperationError,
         AlreadyDecidedError,
         PayloadNotFoundError,
+        ClaimedError,
+        ApprovalRequiredError,
         StaleParkingError,
         InvalidInputError,
     )

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from tsq.contract import DOMAIN_PATTERN, AuditEventType, DecisionKind, TsqState
-from tsq.durations import parse_duration
+from tsq.durations import LONGEST, parse_duration
 from tsq.errors import InvalidInputError
 
 # PGMQ keeps each queue in tables named q_<name> / a_<name>; it refuses names of 48+ characters.
@@ -86,6 +86,13 @@ Reason = Annotated[
     AfterValidator(_no_blank),
 ]
 Operator = Annotated[str, StringConstraints(max_length=200), AfterValidator(_storable)]
+# Who approves, rejects, claims: four eyes need two names, so a name is required.
+NamedOperator = Annotated[
+    str,
+    StringConstraints(max_length=200),
+    AfterValidator(_storable),
+    AfterValidator(_no_blank),
+]
 Domain = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
 
 
@@ -127,6 +134,29 @@ def _storable_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 ResultData = Annotated[dict[str, Any] | None, AfterValidator(_storable_json)]
 
+# What identifies a command and its reply: an edited message keeps them (`command_type` is the
+# reference library's name for `type`).
+PROTECTED_KEYS = ("command_id", "domain", "type", "command_type", "correlation_id")
+
+
+def _merge_patch(value: dict[str, Any]) -> dict[str, Any]:
+    touched = [key for key in PROTECTED_KEYS if key in value]
+    if touched:
+        raise ValueError(
+            f"must not change {', '.join(touched)}: an edited message is still the same "
+            "command, with the same reply"
+        )
+    if not value:
+        raise ValueError("is empty: leave it out to retry the original message")
+    stored = _storable_json(value)
+    assert stored is not None
+    return stored
+
+
+# A JSON merge patch (RFC 7396) for the original message: objects merge, null removes a key,
+# anything else replaces.
+MergePatch = Annotated[dict[str, Any], AfterValidator(_merge_patch)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -151,6 +181,22 @@ def _duration(value: Any) -> Any:
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be longer than zero")
+    if value > LONGEST:
+        raise ValueError("must be at most ten years")
+    return value
+
+
+PositiveDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_positive)]
+
+# How long a proposal waits for a second operator when its policy does not say, and how long a
+# claim lasts when its operator does not say.
+APPROVAL_EXPIRES = timedelta(hours=24)
+CLAIM_LASTS = timedelta(hours=1)
+
+
 class Policy(_Model):
     """What happens to a parked command nobody decides: `tsq policy set` (see `tsq.policy`)."""
 
@@ -160,6 +206,37 @@ class Policy(_Model):
     expire_decision: Literal[DecisionKind.CANCEL, DecisionKind.COMPLETE] | None = None
     expire_reason: Reason | None = None
     expire_result_data: ResultData = None
+    # Decisions that become proposals, carried out once another operator approves. Every
+    # policy that matches the command adds its own: a more specific policy never removes one.
+    require_approval: list[DecisionKind] = Field(default_factory=list)
+    approval_expires_after: Duration | None = None
+
+
+class Proposal(_Model):
+    """A decision that waits for a second operator's approval (`PENDING_APPROVAL`)."""
+
+    decision: DecisionKind
+    # The decision's input as the proposer gave it (reason, result data, patch, not_before).
+    request: dict[str, Any]
+    proposed_by: str
+    proposed_at: datetime
+    expires_at: datetime
+    request_id: str
+    via: Literal["signal", "update"]
+
+
+class Claim(_Model):
+    """An operator on the command: others' decisions are refused unless forced (audited)."""
+
+    by: str
+    since: datetime
+    until: datetime
+
+
+class Note(_Model):
+    operator: str | None
+    text: str
+    at: datetime
 
 
 class ScheduledRetry(_Model):
@@ -183,6 +260,10 @@ class Continued(_Model):
     escalated: bool = False
     snoozed: timedelta = timedelta(0)
     scheduled: ScheduledRetry | None = None
+    proposal: Proposal | None = None
+    claim: Claim | None = None
+    notes: list[Note] = Field(default_factory=list)
+    notes_count: int = 0
 
 
 class CommandSnapshot(_Model):
@@ -223,6 +304,8 @@ class CancelRequest(_Model):
     reason: Reason
     operator: Operator | None = None
     parking_id: ParkingId = None
+    # Decide a command another operator has claimed (audited as TSQ_CLAIM_FORCED).
+    force: bool = False
 
 
 class RetryRequest(_Model):
@@ -232,6 +315,8 @@ class RetryRequest(_Model):
     operator: Operator | None = None
     parking_id: ParkingId = None
     not_before: AwareDatetime | None = None
+    patch: MergePatch | None = None
+    force: bool = False
 
 
 class SnoozeRequest(_Model):
@@ -261,6 +346,49 @@ class CompleteRequest(_Model):
     result_data: ResultData = None
     operator: Operator | None = None
     parking_id: ParkingId = None
+    force: bool = False
+
+
+class ApproveRequest(_Model):
+    """Input of the `approve` signal and the `operator_approve` update: the proposal waiting
+    is carried out. The approver is never the proposer."""
+
+    operator: NamedOperator
+    comment: Reason | None = None
+
+
+class RejectRequest(_Model):
+    """Input of the `reject` signal and the `operator_reject` update: the proposal waiting is
+    dropped and the command waits again."""
+
+    operator: NamedOperator
+    reason: Reason
+
+
+class NoteRequest(_Model):
+    """Input of the `note` signal and the `operator_note` update."""
+
+    text: Reason
+    operator: Operator | None = None
+
+
+class ClaimRequest(_Model):
+    """Input of the `claim` signal and the `operator_claim` update: `for` how long (`1h` when
+    not given); `force` takes over another operator's claim (audited)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    operator: NamedOperator
+    for_: PositiveDuration = Field(default=CLAIM_LASTS, alias="for")
+    force: bool = False
+
+
+class ReleaseRequest(_Model):
+    """Input of the `release` signal and the `operator_release` update; `force` releases
+    another operator's claim (audited)."""
+
+    operator: NamedOperator
+    force: bool = False
 
 
 DecisionRequest = CancelRequest | RetryRequest | CompleteRequest
@@ -284,10 +412,14 @@ class CarryOut(_Model):
     reason: str | None = None
     operator: str | None = None
     result_data: dict[str, Any] | None = None
-    # How the decision came: an operator's signal or update, or the workflow's own timer
-    # (a policy's expiry, a scheduled retry).
-    via: Literal["signal", "update", "policy", "schedule"]
+    # How the decision came: an operator's signal or update, a second operator's approval of
+    # a proposal, or the workflow's own timer (a policy's expiry, a scheduled retry).
+    via: Literal["signal", "update", "approval", "policy", "schedule"]
     request_id: str | None = None
+    patch: dict[str, Any] | None = None
+    force: bool = False
+    approved_by: str | None = None
+    approval_comment: str | None = None
 
 
 class DecisionOutcome(_Model):
@@ -319,6 +451,13 @@ class DecisionOutcome(_Model):
     )
     scheduled_for: datetime | None = Field(
         default=None, description="A retry scheduled for later: when it will be carried out"
+    )
+    proposal: Proposal | None = Field(
+        default=None, description="The decision needs approval: the proposal waiting for it"
+    )
+    approved_by: str | None = None
+    bulk_id: str | None = Field(
+        default=None, description="The bulk operation that made this decision, if one did"
     )
 
 
@@ -354,8 +493,15 @@ class RecordEvent(_Model):
     command_id: UUID
     event: AuditEventType
     details: dict[str, Any]
+    # The workflow's count of its own events: a claim written late never undoes a later one.
+    seq: int = 0
     notice: Literal["escalations"] | None = None
     error_code: str | None = None
+    # A claim taken (kept in `tsq.claim` for decisions outside the workflow to respect) or,
+    # with None and `release`, given up; in the same transaction as the audit row.
+    claim: Claim | None = None
+    release: bool = False
+    parking_id: int | None = None
 
 
 class Observe(_Model):
@@ -407,6 +553,14 @@ class StateView(_Model):
     snoozed: timedelta = timedelta(0)
     retry_scheduled_for: datetime | None = None
     retry_scheduled_by: str | None = None
+    require_approval: list[DecisionKind] = Field(
+        default_factory=list, description="Decisions the policy makes proposals of"
+    )
+    proposal: Proposal | None = Field(default=None, description="A decision awaiting approval")
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
+    notes: list[Note] = Field(default_factory=list, description="The latest notes")
+    notes_count: int = 0
 
 
 def describe_input(raw: Any, limit: int = 500) -> str:

@@ -12,7 +12,14 @@ from tsq.durations import format_duration
 
 if TYPE_CHECKING:
     from tsq.models import StateView
-    from tsq.views import AuditEvent, CommandDetails, PolicyView, TroubleshootingItem, WaitingGroup
+    from tsq.views import (
+        AuditEvent,
+        CommandDetails,
+        DecisionPreview,
+        PolicyView,
+        TroubleshootingItem,
+        WaitingGroup,
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -31,7 +38,7 @@ def item_table(items: Sequence[TroubleshootingItem]) -> str:
                 f"{item.attempts}/{item.max_attempts if item.max_attempts is not None else '-'}",
                 item.last_error.code or item.last_error.type or "",
                 clip(item.last_error.message, 40),
-                _when(item.updated_at),
+                when(item.updated_at),
                 item.reply_to or "",
             ]
             for item in items
@@ -61,10 +68,10 @@ def deadlines(state: StateView) -> str:
     parts = []
     if state.escalate_at is not None:
         parts.append(
-            f"escalates at {_when(state.escalate_at)}" + (" (escalated)" if state.escalated else "")
+            f"escalates at {when(state.escalate_at)}" + (" (escalated)" if state.escalated else "")
         )
     if state.expire_at is not None and state.expire_decision is not None:
-        parts.append(f"{state.expire_decision.value} at {_when(state.expire_at)}")
+        parts.append(f"{state.expire_decision.value} at {when(state.expire_at)}")
     return "; ".join(parts) or "no deadline"
 
 
@@ -86,13 +93,18 @@ def policy(p: PolicyView) -> str:
             else (f"complete with {json.dumps(p.expire_result_data)}")
         )
         lines.append(_field("expire", f"after {format_duration(p.expire_after)}, {how}"))
-    lines.append(_field("changed", f"{_when(p.updated_at)} by {p.updated_by or '-'}"))
+    if p.require_approval:
+        expires = format_duration(p.approval_expires_after) if p.approval_expires_after else "24h"
+        lines.append(
+            _field("approval", f"{', '.join(p.require_approval)}: proposals expire after {expires}")
+        )
+    lines.append(_field("changed", f"{when(p.updated_at)} by {p.updated_by or '-'}"))
     return "\n".join(lines)
 
 
 def policy_table(policies: Sequence[PolicyView]) -> str:
     return _table(
-        ["NAME", "TYPE", "ERROR CODE", "ESCALATE AFTER", "EXPIRE AFTER", "THEN"],
+        ["NAME", "TYPE", "ERROR CODE", "ESCALATE AFTER", "EXPIRE AFTER", "THEN", "APPROVAL"],
         [
             [
                 p.name,
@@ -101,6 +113,7 @@ def policy_table(policies: Sequence[PolicyView]) -> str:
                 format_duration(p.escalate_after) if p.escalate_after else "-",
                 format_duration(p.expire_after) if p.expire_after else "-",
                 clip(p.expire_decision and f"{p.expire_decision} {p.expire_reason or ''}", 40),
+                ",".join(p.require_approval) or "-",
             ]
             for p in policies
         ],
@@ -110,7 +123,7 @@ def policy_table(policies: Sequence[PolicyView]) -> str:
 def audit_table(events: Sequence[AuditEvent]) -> str:
     return _table(
         ["TS", "EVENT", "DETAILS"],
-        [[_when(e.ts, precise=True), e.event_type, _pairs(e.details)] for e in events],
+        [[when(e.ts, precise=True), e.event_type, _pairs(e.details)] for e in events],
     )
 
 
@@ -128,8 +141,8 @@ def command_details(details: CommandDetails) -> str:
             ("reply to", command.reply_to or "(no reply queue)"),
             ("batch", command.batch_id),
             ("message", command.msg_id),
-            ("created", _when(command.created_at)),
-            ("updated", _when(command.updated_at)),
+            ("created", when(command.created_at)),
+            ("updated", when(command.updated_at)),
         )
         if value is not None
     ]
@@ -157,7 +170,7 @@ def command_details(details: CommandDetails) -> str:
         if state.decision is not None:
             by = f" by {state.decided_by}" if state.decided_by else ""
             lines.append(
-                _field("decision", f"{state.decision.value}{by} at {_when(state.requested_at)}")
+                _field("decision", f"{state.decision.value}{by} at {when(state.requested_at)}")
             )
         if state.reason:
             lines.append(_field("reason", state.reason))
@@ -166,6 +179,23 @@ def command_details(details: CommandDetails) -> str:
         lines += [_field("step", f"{step}: {progress}") for step, progress in state.steps.items()]
         if state.outcome is not None:
             lines.append(_field("outcome", state.outcome.detail))
+        if state.proposal is not None:
+            proposal = state.proposal
+            lines.append(
+                _field(
+                    "proposal",
+                    f"{proposal.decision.value} by {proposal.proposed_by} at "
+                    f"{when(proposal.proposed_at)}, awaits approval until "
+                    f"{when(proposal.expires_at)}",
+                )
+            )
+        if state.claimed_by is not None:
+            lines.append(
+                _field("claimed", f"by {state.claimed_by} until {when(state.claimed_until)}")
+            )
+        lines += [
+            _field("note", f"{when(n.at)} {n.operator or '-'}: {n.text}") for n in state.notes
+        ]
         lines += [_field("refused", f"{r.handler}: {r.problem}") for r in state.refused]
     lines += ["", "audit"]
     lines += _indented(audit_table(details.audit)) if details.audit else ["  (no events)"]
@@ -188,7 +218,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def _when(value: datetime | None, *, precise: bool = False) -> str:
+def when(value: datetime | None, *, precise: bool = False) -> str:
     if value is None:
         return ""
     if precise:
@@ -211,3 +241,28 @@ def _pairs(details: dict[str, Any] | None) -> str:
         plain = isinstance(value, str) and value and not re.search(r'[\s"=]', value)
         parts.append(f"{key}={value if plain else json.dumps(value, default=str)}")
     return " ".join(parts)
+
+
+def preview(p: DecisionPreview) -> str:
+    """A dry run: the outcome, then each thing the decision would write."""
+    lines = [f"{p.decision.value} of {p.command_id} (dry run, nothing written): {p.detail}"]
+    would = p.would
+    if would is None:
+        return "\n".join(lines)
+    lines.append(_field("status", f"{would.status_before} -> {would.status_after}"))
+    for name, sent in (("reply", would.reply), ("message", would.message)):
+        if sent is not None:
+            lines.append(_field(name, f"to {sent.queue}:"))
+            lines += ["    " + line for line in json.dumps(sent.body, indent=2).splitlines()]
+    for row in would.audit:
+        lines.append(_field("audit", f"{row.event_type} {_pairs(row.details)}"))
+    if would.batch is not None:
+        batch = would.batch
+        changed = ", ".join(
+            f"{key} {batch.before[key]} -> {batch.after[key]}"
+            for key in batch.before
+            if key.endswith("_count") and batch.before[key] != batch.after[key]
+        )
+        closes = "; the batch would complete" if batch.closes else ""
+        lines.append(_field("batch", f"{batch.batch_id}: {changed or 'no change'}{closes}"))
+    return "\n".join(lines)

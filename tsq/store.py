@@ -13,8 +13,9 @@ from uuid import UUID
 
 import asyncpg
 
-from tsq.contract import AuditEventType, CommandStatus
+from tsq.contract import DECISIONS, AuditEventType, CommandStatus
 from tsq.models import (
+    CarryOut,
     DecisionOutcome,
     Observe,
     Observed,
@@ -31,11 +32,55 @@ TSQ = CommandStatus.IN_TROUBLESHOOTING_QUEUE.value
 
 # -- decisions ------------------------------------------------------------------------------
 
+# A decision that waits longer than this on a row lock fails the attempt and is retried later,
+# instead of holding a connection while another tool keeps the row locked.
+LOCK_TIMEOUT = "5s"
+
+
+def decision_input(req: CarryOut, **extra: Any) -> dict[str, Any]:
+    """`tsq.decide`'s input: the request and what its kind of decision does."""
+    decision = DECISIONS[req.decision]
+    return {
+        **req.model_dump(mode="json"),
+        "status_after": decision.status_after.value,
+        "audit_event": decision.audit_event.value,
+        "reply_outcome": decision.reply_outcome,
+        "batch_update": decision.batch_update,
+        "past": decision.past,
+        "lock_timeout": LOCK_TIMEOUT,
+        **extra,
+    }
+
 
 async def decide(conn: Conn, decision: dict[str, Any]) -> dict[str, Any]:
     """One decision, one transaction (see `tsq.decide` in 003_parking.sql)."""
     result: dict[str, Any] = await conn.fetchval("SELECT tsq.decide($1::jsonb)", decision)
     return result
+
+
+async def preview(pool: asyncpg.Pool, decisions: Sequence[dict[str, Any]]) -> list[Any]:
+    """What each decision would do (`tsq.preview`), in order, in one transaction that is
+    rolled back: nothing is written, no message sent, no notification delivered, and a later
+    decision sees the batch counters the earlier ones moved. A refusal comes back as
+    `{"refused": {...}}`; any other error (a lock timeout, say) as its `PostgresError`, after
+    which the rest go on in a new transaction (no savepoints: thousands of them would slow
+    every other session of the database down)."""
+    results: list[Any] = []
+    async with pool.acquire() as c:
+        while len(results) < len(decisions):
+            transaction = c.transaction()
+            await transaction.start()
+            try:
+                for decision in decisions[len(results) :]:
+                    try:
+                        result = await c.fetchval("SELECT tsq.preview($1::jsonb)", decision)
+                    except asyncpg.PostgresError as err:
+                        results.append(err)
+                        break
+                    results.append(result)
+            finally:
+                await transaction.rollback()
+    return results
 
 
 async def recorded_outcome(
@@ -100,7 +145,7 @@ async def observe(conn: Conn, req: Observe) -> Observed:
         SELECT b.parking_id, b.left_at, b.left_status, e.result AS recorded,
             (SELECT status FROM commandbus.command WHERE domain = $1 AND command_id = $2)
                 AS status,
-            tsq.policy_view(tsq.policy_for($1, b.command_type, b.error_code)) AS policy
+            tsq.command_policy($1, b.command_type, b.error_code) AS policy
         FROM (SELECT 1) one
         LEFT JOIN bound b ON true
         LEFT JOIN tsq.effect e ON e.effect_key = $5 || '/parking/' || b.parking_id || '/decision'
@@ -184,6 +229,32 @@ async def record_event(conn: Conn, event: RecordEvent) -> bool:
             event.event.value,
             {**event.details, "workflow_id": event.workflow_id},
         )
+        if event.claim is not None and event.parking_id is not None:
+            await c.execute(
+                """
+                INSERT INTO tsq.claim (parking_id, domain, command_id, claimed_by, until, seq)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (parking_id) DO UPDATE SET claimed_by = excluded.claimed_by,
+                    until = excluded.until, seq = excluded.seq
+                WHERE tsq.claim.seq < excluded.seq
+                """,
+                event.parking_id,
+                event.domain,
+                event.command_id,
+                event.claim.by,
+                event.claim.until,
+                event.seq,
+            )
+        if event.release and event.parking_id is not None:
+            # Kept, ended, so that a claim written late (a lower seq) cannot come back.
+            await c.execute(
+                """
+                UPDATE tsq.claim SET until = least(until, clock_timestamp()), seq = $2
+                WHERE parking_id = $1 AND seq < $2
+                """,
+                event.parking_id,
+                event.seq,
+            )
         if event.notice:
             await c.execute(
                 """
@@ -203,7 +274,7 @@ async def record_event(conn: Conn, event: RecordEvent) -> bool:
 
 
 def policy_of(value: dict[str, Any] | None) -> Policy | None:
-    """A policy as `tsq.policy_view` shows it, as the workflow follows it."""
+    """A policy as `tsq.command_policy` gives it, as the workflow follows it."""
     return None if value is None else Policy.model_validate(value)
 
 
@@ -241,14 +312,17 @@ async def set_policy(
         after = await c.fetchrow(
             """
             INSERT INTO tsq.policy (domain, name, command_type, error_code, escalate_after,
-                expire_after, expire_decision, expire_reason, expire_result_data, updated_by)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                expire_after, expire_decision, expire_reason, expire_result_data, updated_by,
+                require_approval, approval_expires_after)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
             ON CONFLICT (domain, name) DO UPDATE SET
                 command_type = excluded.command_type, error_code = excluded.error_code,
                 escalate_after = excluded.escalate_after, expire_after = excluded.expire_after,
                 expire_decision = excluded.expire_decision,
                 expire_reason = excluded.expire_reason,
                 expire_result_data = excluded.expire_result_data,
+                require_approval = excluded.require_approval,
+                approval_expires_after = excluded.approval_expires_after,
                 updated_at = clock_timestamp(), updated_by = excluded.updated_by
             RETURNING *
             """,
@@ -262,6 +336,8 @@ async def set_policy(
             policy.expire_reason,
             policy.expire_result_data,
             operator,
+            [kind.value for kind in policy.require_approval],
+            policy.approval_expires_after,
         )
         await _policy_changed(c, domain, after["policy_id"], operator, "set", before, after)
     return before, after
@@ -350,12 +426,11 @@ async def command(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record |
     """The command row, with its open parking (`parking_id`, NULL when not parked)."""
     row: asyncpg.Record | None = await conn.fetchrow(
         """
-        SELECT c.*, p.parking_id, tsq.policy_view(pol) AS policy
+        SELECT c.*, p.parking_id,
+            tsq.command_policy(c.domain, c.command_type, c.last_error_code) AS policy
         FROM commandbus.command c
         LEFT JOIN tsq.parking p
             ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
-        LEFT JOIN LATERAL tsq.policy_for(c.domain, c.command_type, c.last_error_code) pol
-            ON true
         WHERE c.domain = $1 AND c.command_id = $2
         """,
         domain,
@@ -517,12 +592,11 @@ async def open_parkings(conn: Conn, domain: str | None) -> list[asyncpg.Record]:
     """Every parked command (of `domain`, or all), with its open parking, oldest first."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """
-        SELECT c.*, p.parking_id, p.problem, tsq.policy_view(pol) AS policy
+        SELECT c.*, p.parking_id, p.problem,
+            tsq.command_policy(c.domain, c.command_type, c.last_error_code) AS policy
         FROM commandbus.command c
         LEFT JOIN tsq.parking p
             ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
-        LEFT JOIN LATERAL tsq.policy_for(c.domain, c.command_type, c.last_error_code) pol
-            ON true
         WHERE c.status = $1 AND ($2::text IS NULL OR c.domain = $2)
         ORDER BY c.updated_at, c.command_id
         """,
@@ -586,13 +660,12 @@ async def commands_of(
         return {}
     rows = await conn.fetch(
         """
-        SELECT c.*, p.parking_id, tsq.policy_view(pol) AS policy
+        SELECT c.*, p.parking_id,
+            tsq.command_policy(c.domain, c.command_type, c.last_error_code) AS policy
         FROM unnest($1::text[], $2::uuid[]) AS k(domain, command_id)
         JOIN commandbus.command c ON c.domain = k.domain AND c.command_id = k.command_id
         LEFT JOIN tsq.parking p
             ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
-        LEFT JOIN LATERAL tsq.policy_for(c.domain, c.command_type, c.last_error_code) pol
-            ON true
         """,
         [domain for domain, _ in keys],
         [cid for _, cid in keys],

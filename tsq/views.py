@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Field
 
+from tsq.contract import DecisionKind
 from tsq.models import StateView
 
 
@@ -79,5 +80,69 @@ class PolicyView(BaseModel):
     expire_decision: str | None
     expire_reason: str | None
     expire_result_data: dict[str, Any] | None
+    require_approval: list[str] = Field(
+        default_factory=list, description="Decisions that need a second operator's approval"
+    )
+    approval_expires_after: timedelta | None = None
     updated_at: datetime
     updated_by: str | None
+
+
+class WouldSend(BaseModel):
+    """A message a decision would send: the reply, or a retry's message."""
+
+    queue: str
+    body: dict[str, Any] | None
+
+
+class WouldAudit(BaseModel):
+    event_type: str
+    command_id: UUID
+    details: dict[str, Any] | None
+
+
+class BatchChange(BaseModel):
+    """The command's batch as it is and as the decision would leave it."""
+
+    batch_id: UUID
+    before: dict[str, Any]
+    after: dict[str, Any]
+    closes: bool = Field(description="Whether the decision would complete the batch")
+
+
+class Would(BaseModel):
+    """What a decision would write, read back from its own rolled-back transaction."""
+
+    status_before: str
+    status_after: str
+    reply: WouldSend | None = None
+    message: WouldSend | None = Field(default=None, description="Retry: the message re-sent")
+    audit: list[WouldAudit] = Field(default_factory=list)
+    batch: BatchChange | None = None
+
+
+PreviewResult = Literal[
+    "would_carry_out",
+    "would_propose",
+    "already_decided",
+    "not_in_troubleshooting_queue",
+    "not_found",
+    "payload_not_found",
+    "claimed",
+    "invalid",
+    "error",
+]
+
+
+class DecisionPreview(BaseModel):
+    """`--dry-run`: what one decision would do, with nothing written."""
+
+    domain: str
+    command_id: UUID
+    decision: DecisionKind
+    result: PreviewResult
+    detail: str
+    needs_approval: bool = Field(
+        default=False, description="A policy makes it a proposal for another operator first"
+    )
+    would: Would | None = None

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from tsq.models import StateView
 
 EXAMPLES = {kind: decision.example for kind, decision in DECISIONS.items()}
+APPROVE_EXAMPLE = {"operator": "colleague@example.com", "comment": "checked with the ledger"}
+REJECT_EXAMPLE = {"operator": "colleague@example.com", "reason": "the ledger has it already"}
+NOTE_EXAMPLE = {"text": "asked the ledger team", "operator": "you@example.com"}
+CLAIM_EXAMPLE = {"operator": "you@example.com", "for": "1h"}
+RELEASE_EXAMPLE = {"operator": "you@example.com"}
 # Current details travel in the UI's URLs: keep lists short.
 SHOWN_REFUSALS = 5
 # Longest value shown; the summary has a line of its own.
@@ -128,7 +133,24 @@ def render_details(
                 json.dumps(example),
                 "```",
             ]
+        if view.policy is not None and view.require_approval:
+            kinds = ", ".join(kind.value for kind in view.require_approval)
+            lines.append(
+                f"Policy {_code(view.policy)} asks for a second operator's approval of: "
+                f"{kinds}. Such a decision becomes a proposal; name your `operator`."
+            )
+        lines += [
+            "",
+            "Also: **note** `"
+            + json.dumps(NOTE_EXAMPLE)
+            + "`, **claim** `"
+            + json.dumps(CLAIM_EXAMPLE)
+            + "` (others' decisions are then refused unless "
+            '`"force": true`), **release** `' + json.dumps(RELEASE_EXAMPLE) + "`.",
+        ]
         lines.append("")
+    if view.proposal is not None:
+        lines += _proposal(view)
     if view.decision is not None:
         lines += [
             "### Decision",
@@ -147,6 +169,7 @@ def render_details(
     elif view.decision is not None:
         lines.append("")
     lines += _deadlines(view)
+    lines += _people(view)
     if failed_attempts:
         lines.append("### Decisions that could not be carried out (nothing was changed)")
         lines += _last(failed_attempts, max(failed_count, len(failed_attempts)))
@@ -186,6 +209,44 @@ def _deadlines(view: StateView) -> list[str]:
         if view.snoozed:
             lines.append(f"- Snoozed for {_text(view.snoozed)} in all")
     return ["### Time", *lines, ""] if lines else []
+
+
+def _proposal(view: StateView) -> list[str]:
+    proposal = view.proposal
+    assert proposal is not None
+    request = {k: v for k, v in proposal.request.items() if k not in ("operator", "parking_id")}
+    return [
+        "### Awaiting approval",
+        f"- **{proposal.decision.value}** proposed by {_text(proposal.proposed_by)} at "
+        f"{_text(proposal.proposed_at)}" + (f": `{_text(json.dumps(request))}`" if request else ""),
+        f"- Expires at {_text(proposal.expires_at)} unless approved",
+        "",
+        "**Send a Signal** (or **Send an Update** `operator_<name>`), as an operator other than "
+        f"{_text(proposal.proposed_by)}:",
+        "**approve**",
+        "```json",
+        json.dumps(APPROVE_EXAMPLE),
+        "```",
+        "**reject**",
+        "```json",
+        json.dumps(REJECT_EXAMPLE),
+        "```",
+        "",
+    ]
+
+
+def _people(view: StateView) -> list[str]:
+    """Who is on the command, and the notes left on it."""
+    lines = []
+    if view.claimed_by is not None:
+        lines.append(f"- **Claimed by** {_text(view.claimed_by)} until {_text(view.claimed_until)}")
+    if view.notes:
+        lines.append("### Notes")
+        lines += _last(
+            [f"{_text(n.at)} {_text(n.operator)}: {_text(n.text)}" for n in view.notes],
+            max(view.notes_count, len(view.notes)),
+        )
+    return [*lines, ""] if lines else []
 
 
 def _last(items: Sequence[str], total: int) -> list[str]:

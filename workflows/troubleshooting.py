@@ -39,31 +39,44 @@ with workflow.unsafe.imports_passed_through():
         DecisionKind,
         Metric,
         TsqState,
+        keyword,
+        same_operator,
         workflow_id,
     )
     from tsq.converter import UndecodableInput
     from tsq.durations import LONGEST
     from tsq.errors import (
         AlreadyDecidedError,
+        ApprovalRequiredError,
+        ClaimedError,
         InvalidInputError,
         InvalidOperationError,
         StaleParkingError,
     )
     from tsq.models import (
+        APPROVAL_EXPIRES,
         REQUEST_MODELS,
+        ApproveRequest,
         CancelRequest,
         CarryOut,
+        Claim,
+        ClaimRequest,
         CommandSnapshot,
         CompleteRequest,
         Continued,
         DecisionOutcome,
         DecisionRequest,
+        Note,
+        NoteRequest,
         Observe,
         Observed,
+        Proposal,
         RecordEvent,
         RecordRefusal,
         RecordRefusals,
         RefusedRequest,
+        RejectRequest,
+        ReleaseRequest,
         RetryRequest,
         ScheduledRetry,
         SnoozeRequest,
@@ -73,9 +86,18 @@ with workflow.unsafe.imports_passed_through():
         describe_validation_error,
         json_problem,
     )
-    from tsq.workflows import TSQ_ESCALATED, TSQ_STATE
+    from tsq.workflows import TSQ_CLAIMED_BY, TSQ_ESCALATED, TSQ_STATE
     from tsq.workflows.deadlines import Deadlines, Due
-    from tsq.workflows.details import render_details, render_static_details, steps_of
+    from tsq.workflows.details import (
+        APPROVE_EXAMPLE,
+        CLAIM_EXAMPLE,
+        NOTE_EXAMPLE,
+        REJECT_EXAMPLE,
+        RELEASE_EXAMPLE,
+        render_details,
+        render_static_details,
+        steps_of,
+    )
 
 UPGRADE = "tsq-2-upgrade"
 
@@ -86,6 +108,8 @@ _NON_RETRYABLE = [
     "InvalidOperationError",
     "PayloadNotFoundError",
     "InvalidInputError",
+    "ClaimedError",
+    "ApprovalRequiredError",
 ]
 ACTIVITY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
@@ -113,6 +137,22 @@ _UNSCHEDULE = (
     "Unschedule: a retry scheduled for later is dropped and the command waits again, audited. "
     'Input: {"operator": "you@example.com", "reason": "fixed by hand"}'
 )
+_APPROVE = (
+    "Approve: the decision proposed (PENDING_APPROVAL) is carried out; by an operator other "
+    f"than the proposer, audited. Input: {json.dumps(APPROVE_EXAMPLE)}"
+)
+_REJECT = (
+    "Reject: the decision proposed is dropped and the command waits again; by an operator "
+    f"other than the proposer, audited. Input: {json.dumps(REJECT_EXAMPLE)}"
+)
+_NOTE = f"Note: kept with the command, audited. Input: {json.dumps(NOTE_EXAMPLE)}"
+_CLAIM = (
+    "Claim: you are on this command; other operators' decisions are refused unless forced "
+    f"until the claim ends (default 1h). Input: {json.dumps(CLAIM_EXAMPLE)}"
+)
+_RELEASE = (
+    f"Release your claim (another's with force, audited). Input: {json.dumps(RELEASE_EXAMPLE)}"
+)
 _CANCELLATION_REFUSED = (
     "cancelling the workflow does not decide the command; send the `cancel` signal "
     "(or `retry`, `complete`) instead. The workflow keeps waiting"
@@ -131,16 +171,23 @@ def _describe(kind: DecisionKind, answer: str = "") -> str:
     )
 
 
-_Via = Literal["signal", "update", "policy", "schedule"]
+_Via = Literal["signal", "update", "approval", "policy", "schedule"]
 
 
 class _Pending:
     """The decision being carried out, and the callers waiting on it."""
 
-    def __init__(self, kind: DecisionKind, request: DecisionRequest, via: _Via) -> None:
+    def __init__(
+        self,
+        kind: DecisionKind,
+        request: DecisionRequest,
+        via: _Via,
+        approval: ApproveRequest | None = None,
+    ) -> None:
         self.kind = kind
         self.request = request
         self.via = via
+        self.approval = approval
         # Names the request in the recorded outcome: the update's id, or a fresh one.
         update = workflow.current_update_info()
         self.request_id = update.id if update is not None else str(workflow.uuid4())
@@ -179,9 +226,15 @@ class TroubleshootingWorkflow:
             snoozed=carried.snoozed,
             escalated=carried.escalated,
             scheduled=carried.scheduled,
+            proposal=carried.proposal,
+            claim=carried.claim,
         )
+        self._notes: deque[Note] = deque(carried.notes, maxlen=KEPT)
+        self._notes_count = carried.notes_count
         if carried.scheduled is not None:
             self._state = TsqState.RETRY_SCHEDULED
+        if carried.proposal is not None:
+            self._state = TsqState.PENDING_APPROVAL
         # Refusals not yet in the audit trail, and the number of the first of them.
         self._unwritten: list[RefusedRequest] = []
         # Asked to read the parking from the database (by the watcher, or after an upgrade).
@@ -302,6 +355,7 @@ class TroubleshootingWorkflow:
         outcome = observed.outcome
         assert outcome is not None
         self._outcome = outcome
+        self._drop_claim()
         self._state = (
             DECISIONS[outcome.decision].done_state
             if outcome.carried_out and outcome.decision is not None
@@ -314,7 +368,13 @@ class TroubleshootingWorkflow:
 
     async def _act_on_deadlines(self) -> None:
         due = self._deadlines.due(workflow.now())
-        if due is Due.RETRY:
+        if due is Due.PROPOSAL_EXPIRED:
+            await self._expire_proposal()
+        elif due is Due.CLAIM_EXPIRED:
+            self._deadlines.claim = None
+            workflow.upsert_search_attributes([TSQ_CLAIMED_BY.value_unset()])
+            self._publish_soon()
+        elif due is Due.RETRY:
             scheduled = self._deadlines.scheduled
             assert scheduled is not None
             self._deadlines.scheduled = None
@@ -357,7 +417,13 @@ class TroubleshootingWorkflow:
         )
 
     async def _record(
-        self, event: AuditEventType, details: dict[str, Any], *, notice: str | None = None
+        self,
+        event: AuditEventType,
+        details: dict[str, Any],
+        *,
+        notice: str | None = None,
+        claim: Claim | None = None,
+        release: bool = False,
     ) -> None:
         """One of the workflow's own events into the audit trail, once (the key counts them)."""
         self._events += 1
@@ -373,8 +439,12 @@ class TroubleshootingWorkflow:
                     command_id=self._command.command_id,
                     event=event,
                     details=details,
+                    seq=self._events,
                     notice="escalations" if notice else None,
                     error_code=self._command.last_error_code,
+                    claim=claim,
+                    release=release,
+                    parking_id=self._command.parking_id,
                 ),
                 ACTIVITY_RETRY,
             )
@@ -411,6 +481,10 @@ class TroubleshootingWorkflow:
             result_data=(request.result_data if isinstance(request, CompleteRequest) else None),
             via=pending.via,
             request_id=pending.request_id,
+            patch=request.patch if isinstance(request, RetryRequest) else None,
+            force=request.force,
+            approved_by=pending.approval.operator if pending.approval else None,
+            approval_comment=pending.approval.comment if pending.approval else None,
         )
         try:
             outcome: DecisionOutcome
@@ -443,6 +517,9 @@ class TroubleshootingWorkflow:
                 self._failed_count += 1
                 if pending.via == "policy":
                     self._deadlines.expiry_refused = True
+                if error_type == ApprovalRequiredError.__name__:
+                    # A policy asking for approval was set since this workflow last read it.
+                    self._observe = True
                 pending.error = ApplicationError(message, type=error_type, non_retryable=True)
                 self._pending = None
                 self._state = TsqState.AWAITING_OPERATOR
@@ -460,6 +537,7 @@ class TroubleshootingWorkflow:
             channel=pending.via,
             result="carried_out" if outcome.carried_out else "decided_elsewhere",
         )
+        self._drop_claim()
         if outcome.request_id not in (None, pending.request_id):
             # The decision of another request was recorded for this parking first: a request
             # whose update the server dropped with a rejected workflow task, the run this one
@@ -536,6 +614,10 @@ class TroubleshootingWorkflow:
                         escalated=self._deadlines.escalated,
                         snoozed=self._deadlines.snoozed,
                         scheduled=self._deadlines.scheduled,
+                        proposal=self._deadlines.proposal,
+                        claim=self._deadlines.claim,
+                        notes=list(self._notes),
+                        notes_count=self._notes_count,
                     ),
                     "policy": self._deadlines.policy,
                 }
@@ -624,6 +706,345 @@ class TroubleshootingWorkflow:
     def _validate_operator_unschedule(self, raw: Any = None, *extra: Any) -> None:
         self._check_time(_unschedule_request(raw), extra)
 
+    # -- four eyes: a proposal approved or rejected by another operator ---------------------
+
+    @workflow.signal(name="approve", description=_APPROVE)
+    async def approve(self, raw: Any = None, *extra: Any) -> None:
+        if await self._unknown_to_legacy("approve", raw, extra):
+            return
+        try:
+            _no_extra(extra)
+            request = _parsed(ApproveRequest, raw)
+            accepted = self._approve(request)
+        except ApplicationError as err:
+            await self._refuse("approve", describe_input(raw), err.message)
+            return
+        await self._record_approved(accepted, request)
+
+    @workflow.update(name="operator_approve", description=f"{_APPROVE}{_ANSWER}")
+    async def operator_approve(self, raw: Any = None, *extra: Any) -> DecisionOutcome:
+        self._take_new_behaviour()
+        request = _parsed(ApproveRequest, raw)
+        accepted = self._approve(request)
+        await self._record_approved(accepted, request)
+        if isinstance(accepted, ScheduledRetry):
+            return self._scheduled_answer(accepted)
+        return await self._answer(accepted)
+
+    @operator_approve.validator
+    def _validate_operator_approve(self, raw: Any = None, *extra: Any) -> None:
+        _no_extra(extra)
+        self._check_approval(_parsed(ApproveRequest, raw), "approve")
+
+    @workflow.signal(name="reject", description=_REJECT)
+    async def reject(self, raw: Any = None, *extra: Any) -> None:
+        if await self._unknown_to_legacy("reject", raw, extra):
+            return
+        try:
+            _no_extra(extra)
+            request = _parsed(RejectRequest, raw)
+            self._check_approval(request, "reject")
+        except ApplicationError as err:
+            await self._refuse("reject", describe_input(raw), err.message)
+            return
+        await self._reject(request)
+
+    @workflow.update(name="operator_reject", description=f"{_REJECT} Answers with the state.")
+    async def operator_reject(self, raw: Any = None, *extra: Any) -> StateView:
+        self._take_new_behaviour()
+        request = _parsed(RejectRequest, raw)
+        self._check_approval(request, "reject")
+        await self._reject(request)
+        return self.state()
+
+    @operator_reject.validator
+    def _validate_operator_reject(self, raw: Any = None, *extra: Any) -> None:
+        _no_extra(extra)
+        self._check_approval(_parsed(RejectRequest, raw), "reject")
+
+    def _check_approval(self, request: ApproveRequest | RejectRequest, verb: str) -> None:
+        if self._mismatch:
+            raise ApplicationError(
+                self._mismatch, type=InvalidOperationError.__name__, non_retryable=True
+            )
+        proposal = self._deadlines.proposal
+        pending = self._pending
+        if proposal is None and pending is not None and pending.approval is not None:
+            raise ApplicationError(
+                f"the {pending.kind.value} of command {self._command.command_id} proposed by "
+                f"{pending.request.operator} was approved by {pending.approval.operator}: "
+                f"nothing left to {verb}",
+                type=AlreadyDecidedError.__name__,
+                non_retryable=True,
+            )
+        if proposal is None:
+            raise ApplicationError(
+                f"no decision of command {self._command.command_id} awaits approval (it is "
+                f"{self._state.value}): nothing to {verb}",
+                type=InvalidOperationError.__name__,
+                non_retryable=True,
+            )
+        if same_operator(request.operator, proposal.proposed_by):
+            raise ApplicationError(
+                f"four eyes: {proposal.proposed_by} proposed this {proposal.decision.value}, so "
+                f"another operator must {verb} it",
+                type=InvalidOperationError.__name__,
+                non_retryable=True,
+            )
+
+    def _approve(self, request: ApproveRequest) -> _Pending | ScheduledRetry:
+        """The proposal becomes the decision, at once: a second approval finds none left."""
+        self._check_approval(request, "approve")
+        proposal = self._deadlines.proposal
+        assert proposal is not None
+        self._deadlines.proposal = None
+        self._state = TsqState.AWAITING_OPERATOR
+        decision = REQUEST_MODELS[proposal.decision].model_validate(proposal.request)
+        if isinstance(decision, RetryRequest) and decision.not_before is not None:
+            if decision.not_before <= workflow.now():
+                decision = decision.model_copy(update={"not_before": None})
+        return self._decided(proposal.decision, decision, "approval", request)
+
+    async def _record_approved(
+        self, accepted: _Pending | ScheduledRetry, approval: ApproveRequest
+    ) -> None:
+        if isinstance(accepted, ScheduledRetry):
+            # Carried out later by its timer: the approval is audited now. (A decision carried
+            # out now has its approval audited in its own transaction.)
+            await self._record(
+                AuditEventType.TSQ_APPROVED,
+                {
+                    "operator": approval.operator,
+                    "proposed_by": accepted.request.operator,
+                    "decision": DecisionKind.RETRY.value,
+                    "comment": approval.comment,
+                    "not_before": accepted.at.isoformat(),
+                },
+            )
+        kind = accepted.kind if isinstance(accepted, _Pending) else DecisionKind.RETRY
+        await self._record_accepted(kind, accepted.request, accepted)
+
+    async def _reject(self, request: RejectRequest) -> None:
+        proposal = self._deadlines.proposal
+        assert proposal is not None
+        self._end_proposal()
+        await self._record(
+            AuditEventType.TSQ_REJECTED,
+            {
+                "operator": request.operator,
+                "reason": request.reason,
+                "decision": proposal.decision.value,
+                "proposed_by": proposal.proposed_by,
+                "proposal_id": proposal.request_id,
+            },
+        )
+
+    async def _expire_proposal(self) -> None:
+        proposal = self._deadlines.proposal
+        assert proposal is not None
+        self._end_proposal()
+        await self._record(
+            AuditEventType.TSQ_PROPOSAL_EXPIRED,
+            {
+                "decision": proposal.decision.value,
+                "proposed_by": proposal.proposed_by,
+                "proposed_at": proposal.proposed_at.isoformat(),
+                "expires_at": proposal.expires_at.isoformat(),
+                "proposal_id": proposal.request_id,
+            },
+        )
+
+    def _end_proposal(self) -> None:
+        self._deadlines.proposal = None
+        scheduled = self._deadlines.scheduled is not None
+        self._state = TsqState.RETRY_SCHEDULED if scheduled else TsqState.AWAITING_OPERATOR
+        self._replan = True
+        self._publish()
+
+    # -- notes and claims -------------------------------------------------------------------
+
+    @workflow.signal(name="note", description=_NOTE)
+    async def note(self, raw: Any = None, *extra: Any) -> None:
+        if await self._unknown_to_legacy("note", raw, extra):
+            return
+        try:
+            _no_extra(extra)
+            request = _parsed(NoteRequest, raw)
+            self._check_running()
+        except ApplicationError as err:
+            await self._refuse("note", describe_input(raw), err.message)
+            return
+        await self._note(request)
+
+    @workflow.update(name="operator_note", description=f"{_NOTE} Answers with the state.")
+    async def operator_note(self, raw: Any = None, *extra: Any) -> StateView:
+        self._take_new_behaviour()
+        await self._note(_parsed(NoteRequest, raw))
+        return self.state()
+
+    @operator_note.validator
+    def _validate_operator_note(self, raw: Any = None, *extra: Any) -> None:
+        _no_extra(extra)
+        _parsed(NoteRequest, raw)
+        self._check_running()
+
+    async def _note(self, request: NoteRequest) -> None:
+        self._check_running()
+        self._notes.append(Note(operator=request.operator, text=request.text, at=workflow.now()))
+        self._notes_count += 1
+        self._publish_soon()
+        await self._record(
+            AuditEventType.TSQ_NOTE, {"operator": request.operator, "text": request.text}
+        )
+
+    @workflow.signal(name="claim", description=_CLAIM)
+    async def claim(self, raw: Any = None, *extra: Any) -> None:
+        if await self._unknown_to_legacy("claim", raw, extra):
+            return
+        try:
+            _no_extra(extra)
+            request = _parsed(ClaimRequest, raw)
+            self._check_claimable(request)
+        except ApplicationError as err:
+            await self._refuse("claim", describe_input(raw), err.message)
+            return
+        await self._claim(request)
+
+    @workflow.update(name="operator_claim", description=f"{_CLAIM} Answers with the state.")
+    async def operator_claim(self, raw: Any = None, *extra: Any) -> StateView:
+        self._take_new_behaviour()
+        await self._claim(_parsed(ClaimRequest, raw))
+        return self.state()
+
+    @operator_claim.validator
+    def _validate_operator_claim(self, raw: Any = None, *extra: Any) -> None:
+        _no_extra(extra)
+        self._check_claimable(_parsed(ClaimRequest, raw))
+
+    @workflow.signal(name="release", description=_RELEASE)
+    async def release(self, raw: Any = None, *extra: Any) -> None:
+        if await self._unknown_to_legacy("release", raw, extra):
+            return
+        try:
+            _no_extra(extra)
+            request = _parsed(ReleaseRequest, raw)
+            self._check_releasable(request)
+        except ApplicationError as err:
+            await self._refuse("release", describe_input(raw), err.message)
+            return
+        await self._release(request)
+
+    @workflow.update(name="operator_release", description=f"{_RELEASE} Answers with the state.")
+    async def operator_release(self, raw: Any = None, *extra: Any) -> StateView:
+        self._take_new_behaviour()
+        await self._release(_parsed(ReleaseRequest, raw))
+        return self.state()
+
+    @operator_release.validator
+    def _validate_operator_release(self, raw: Any = None, *extra: Any) -> None:
+        _no_extra(extra)
+        self._check_releasable(_parsed(ReleaseRequest, raw))
+
+    def _check_running(self) -> None:
+        """Notes and claims are for a command still to be decided here."""
+        if self._mismatch:
+            raise ApplicationError(
+                self._mismatch, type=InvalidOperationError.__name__, non_retryable=True
+            )
+        if self._outcome is not None:
+            raise ApplicationError(
+                f"command {self._command.command_id} is decided already ({self._state.value})",
+                type=AlreadyDecidedError.__name__,
+                non_retryable=True,
+            )
+
+    def _live_claim(self) -> Claim | None:
+        claim = self._deadlines.claim
+        return claim if claim is not None and claim.until > workflow.now() else None
+
+    def _check_claimable(self, request: ClaimRequest) -> None:
+        self._check_running()
+        self._check_undecided()
+        claim = self._live_claim()
+        if (
+            claim is not None
+            and not request.force
+            and not same_operator(claim.by, request.operator)
+        ):
+            raise ApplicationError(
+                f"command {self._command.command_id} is claimed by {claim.by} until "
+                f"{claim.until.isoformat(timespec='seconds')}: ask them, or take it over with "
+                '"force": true (audited)',
+                type=ClaimedError.__name__,
+                non_retryable=True,
+            )
+
+    def _check_releasable(self, request: ReleaseRequest) -> None:
+        self._check_running()
+        claim = self._live_claim()
+        if claim is None:
+            raise ApplicationError(
+                f"command {self._command.command_id} is not claimed: nothing to release",
+                type=InvalidOperationError.__name__,
+                non_retryable=True,
+            )
+        if not request.force and not same_operator(claim.by, request.operator):
+            raise ApplicationError(
+                f"command {self._command.command_id} is claimed by {claim.by}, not by "
+                f'{request.operator}: only they release it, unless "force": true (audited)',
+                type=ClaimedError.__name__,
+                non_retryable=True,
+            )
+
+    async def _claim(self, request: ClaimRequest) -> None:
+        self._check_claimable(request)
+        before = self._live_claim()
+        now = workflow.now()
+        by = request.operator.strip()
+        kept = before is not None and same_operator(before.by, by)
+        claim = Claim(
+            by=by, since=before.since if before and kept else now, until=now + request.for_
+        )
+        self._deadlines.claim = claim
+        self._replan = True
+        workflow.upsert_search_attributes([TSQ_CLAIMED_BY.value_set(keyword(by))])
+        self._publish_soon()
+        details: dict[str, Any] = {"operator": by, "until": claim.until.isoformat()}
+        if before is not None and not kept:
+            details |= {"taken_from": before.by, "forced": True}
+        await self._record(AuditEventType.TSQ_CLAIMED, details, claim=claim)
+
+    async def _release(self, request: ReleaseRequest) -> None:
+        self._check_releasable(request)
+        claim = self._deadlines.claim
+        assert claim is not None
+        self._drop_claim()
+        self._replan = True
+        self._publish_soon()
+        details: dict[str, Any] = {"operator": request.operator, "claimed_by": claim.by}
+        if not same_operator(claim.by, request.operator):
+            details["forced"] = True
+        await self._record(AuditEventType.TSQ_RELEASED, details, release=True)
+
+    def _drop_claim(self) -> None:
+        if self._deadlines.claim is not None:
+            self._deadlines.claim = None
+            workflow.upsert_search_attributes([TSQ_CLAIMED_BY.value_unset()])
+
+    async def _unknown_to_legacy(self, name: str, raw: Any, extra: tuple[Any, ...]) -> bool:
+        """A workflow of tsq 0.1 that has not taken this version's behaviour knew no such
+        signal: it is refused as unknown, as 0.1 did, so its history replays."""
+        self._take_new_behaviour()
+        if self._v2:
+            return False
+        count = len(extra) + (raw is not None)
+        await self._refuse(
+            name,
+            f"{count} argument(s)",
+            f"unknown signal {name!r}: the decisions are cancel, retry and complete",
+        )
+        return True
+
     @workflow.signal(dynamic=True, description="Any other signal name is refused, visibly.")
     async def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
         # Without this, a misspelt `cancle` would wait unseen in the worker's buffer forever.
@@ -637,6 +1058,7 @@ class TroubleshootingWorkflow:
     @workflow.query(name="state", description="Command, decision, step progress and refusals.")
     def state(self) -> StateView:
         scheduled = self._deadlines.scheduled
+        claim = self._deadlines.claim
         pending = self._pending
         request = pending.request if pending else None
         outcome = self._outcome
@@ -666,6 +1088,14 @@ class TroubleshootingWorkflow:
             snoozed=self._deadlines.snoozed,
             retry_scheduled_for=scheduled.at if scheduled else None,
             retry_scheduled_by=scheduled.request.operator if scheduled else None,
+            require_approval=self._deadlines.policy.require_approval
+            if self._deadlines.policy
+            else [],
+            proposal=self._deadlines.proposal,
+            claimed_by=claim.by if claim else None,
+            claimed_until=claim.until if claim else None,
+            notes=list(self._notes),
+            notes_count=self._notes_count,
         )
 
     # -- internals ------------------------------------------------------------------------
@@ -714,20 +1144,42 @@ class TroubleshootingWorkflow:
         self._check_schedule(request)
         accepted = self._accept(kind, request, via="update")
         await self._record_accepted(kind, request, accepted)
-        if isinstance(accepted, ScheduledRetry):
+        if isinstance(accepted, Proposal):
             return DecisionOutcome(
-                decision=DecisionKind.RETRY,
+                decision=kind,
                 carried_out=False,
                 status=CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
-                operator=request.operator,
+                operator=accepted.proposed_by,
                 request_id=accepted.request_id,
                 domain=self._command.domain,
                 command_id=self._command.command_id,
                 parking_id=self._command.parking_id,
-                scheduled_for=accepted.at,
-                detail=f"retry scheduled for {accepted.at.isoformat()}",
+                proposal=accepted,
+                detail=(
+                    f"{kind.value} proposed: policy {self._policy_name()} asks another operator "
+                    f"to approve it by {accepted.expires_at.isoformat(timespec='seconds')}"
+                ),
             )
-        pending = accepted
+        if isinstance(accepted, ScheduledRetry):
+            return self._scheduled_answer(accepted)
+        return await self._answer(accepted)
+
+    def _scheduled_answer(self, accepted: ScheduledRetry) -> DecisionOutcome:
+        return DecisionOutcome(
+            decision=DecisionKind.RETRY,
+            carried_out=False,
+            status=CommandStatus.IN_TROUBLESHOOTING_QUEUE.value,
+            operator=accepted.request.operator,
+            request_id=accepted.request_id,
+            domain=self._command.domain,
+            command_id=self._command.command_id,
+            parking_id=self._command.parking_id,
+            scheduled_for=accepted.at,
+            detail=f"retry scheduled for {accepted.at.isoformat()}",
+        )
+
+    async def _answer(self, pending: _Pending) -> DecisionOutcome:
+        """An update's answer: the outcome of its decision, once carried out."""
         await workflow.wait_condition(lambda: pending.finished)
         if pending.error is not None:
             raise pending.error
@@ -759,7 +1211,7 @@ class TroubleshootingWorkflow:
         request = _validated(kind, raw)
         self._check_parking(request)
         self._check_schedule(request)
-        self._check_undecided()
+        self._check_decision(kind, request, "update")
 
     async def _on_time_signal(self, name: str, raw: Any, extra: tuple[Any, ...]) -> None:
         self._take_new_behaviour()
@@ -889,12 +1341,94 @@ class TroubleshootingWorkflow:
                 non_retryable=True,
             )
 
+    def _check_decision(self, kind: DecisionKind, request: DecisionRequest, via: _Via) -> None:
+        """An operator's decision: none other made or proposed, the command not claimed by
+        someone else (unless forced), and a name to propose it under if it needs approval."""
+        self._check_undecided()
+        proposal = self._deadlines.proposal
+        if proposal is not None:
+            raise ApplicationError(
+                f"command {self._command.command_id} has a decision awaiting approval "
+                f"({proposal.decision.value} proposed by {proposal.proposed_by}): approve or "
+                "reject it first",
+                type=AlreadyDecidedError.__name__,
+                non_retryable=True,
+            )
+        self._check_claim(request.operator, force=request.force)
+        if self._needs_approval(kind, via) and not (request.operator or "").strip():
+            raise ApplicationError(
+                f"invalid input: a {kind.value} of this command needs another operator's "
+                "approval (policy "
+                f"{self._policy_name()}), so it must name its operator: add "
+                '"operator": "you@example.com"',
+                type=InvalidInputError.__name__,
+                non_retryable=True,
+            )
+
+    def _check_claim(self, operator: str | None, *, force: bool) -> None:
+        claim = self._deadlines.claim
+        if claim is None or force or same_operator(claim.by, operator):
+            return
+        if claim.until <= workflow.now():
+            return
+        raise ApplicationError(
+            f"command {self._command.command_id} is claimed by {claim.by} until "
+            f"{claim.until.isoformat(timespec='seconds')}: ask them, wait for the claim to end, "
+            'or decide with "force": true (audited)',
+            type=ClaimedError.__name__,
+            non_retryable=True,
+        )
+
+    def _needs_approval(self, kind: DecisionKind, via: _Via) -> bool:
+        policy = self._deadlines.policy
+        return (
+            via in ("signal", "update") and policy is not None and kind in policy.require_approval
+        )
+
+    def _policy_name(self) -> str:
+        policy = self._deadlines.policy
+        return policy.name if policy is not None else "none"
+
     def _accept(
         self, kind: DecisionKind, request: DecisionRequest, via: _Via
+    ) -> _Pending | ScheduledRetry | Proposal:
+        """The decision, to carry out now, (a retry for later) scheduled, or (a policy asks for
+        approval) proposed. No await between the check and the assignment: two handlers in one
+        workflow task cannot both pass."""
+        self._check_decision(kind, request, via)
+        if self._needs_approval(kind, via):
+            return self._propose(kind, request, via)
+        return self._decided(kind, request, via)
+
+    def _propose(self, kind: DecisionKind, request: DecisionRequest, via: _Via) -> Proposal:
+        assert via in ("signal", "update") and request.operator is not None
+        policy = self._deadlines.policy
+        expires = (policy.approval_expires_after if policy else None) or APPROVAL_EXPIRES
+        update = workflow.current_update_info()
+        now = workflow.now()
+        proposal = Proposal(
+            decision=kind,
+            request=request.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+            proposed_by=request.operator.strip(),
+            proposed_at=now,
+            expires_at=now + expires,
+            request_id=update.id if update is not None else str(workflow.uuid4()),
+            via=via,
+        )
+        self._deadlines.proposal = proposal
+        self._state = TsqState.PENDING_APPROVAL
+        self._replan = True
+        self._publish()
+        _count(Metric.DECISIONS, kind=kind.value, channel=via, result="proposed")
+        return proposal
+
+    def _decided(
+        self,
+        kind: DecisionKind,
+        request: DecisionRequest,
+        via: _Via,
+        approval: ApproveRequest | None = None,
     ) -> _Pending | ScheduledRetry:
-        """The decision, to carry out now, or (a retry for later) scheduled. No await between
-        the check and the assignment: two handlers in one workflow task cannot both pass."""
-        self._check_undecided()
         self._superseded = self._deadlines.scheduled
         self._deadlines.scheduled = None
         if isinstance(request, RetryRequest) and request.not_before is not None:
@@ -910,13 +1444,30 @@ class TroubleshootingWorkflow:
             self._replan = True
             self._publish()
             return scheduled
-        self._pending = _Pending(kind, request, via)
+        self._pending = _Pending(kind, request, via, approval)
         return self._pending
 
     async def _record_accepted(
-        self, kind: DecisionKind, request: DecisionRequest, accepted: _Pending | ScheduledRetry
+        self,
+        kind: DecisionKind,
+        request: DecisionRequest,
+        accepted: _Pending | ScheduledRetry | Proposal,
     ) -> None:
-        """Into the audit trail: a retry scheduled, and a scheduled one that this replaced."""
+        """Into the audit trail: a proposal, a retry scheduled, and a scheduled one that this
+        replaced. (A decision carried out is audited in its own transaction.)"""
+        if isinstance(accepted, Proposal):
+            await self._record(
+                AuditEventType.TSQ_PROPOSED,
+                {
+                    "operator": accepted.proposed_by,
+                    "decision": kind.value,
+                    "request": accepted.request,
+                    "policy": self._policy_name(),
+                    "expires_at": accepted.expires_at.isoformat(),
+                    "proposal_id": accepted.request_id,
+                },
+            )
+            return
         superseded, self._superseded = self._superseded, None
         if superseded is not None:
             await self._record(
@@ -1025,6 +1576,15 @@ class TroubleshootingWorkflow:
         workflow.set_current_details(details)
 
 
+def _no_extra(extra: tuple[Any, ...]) -> None:
+    if extra:
+        raise ApplicationError(
+            f"invalid input: one JSON object expected, {1 + len(extra)} arguments received",
+            type=InvalidInputError.__name__,
+            non_retryable=True,
+        )
+
+
 def _snooze_request(raw: Any) -> SnoozeRequest:
     return _parsed(SnoozeRequest, raw)
 
@@ -1033,7 +1593,16 @@ def _unschedule_request(raw: Any) -> UnscheduleRequest:
     return _parsed(UnscheduleRequest, raw if raw is not None else {})
 
 
-_T = TypeVar("_T", SnoozeRequest, UnscheduleRequest)
+_T = TypeVar(
+    "_T",
+    SnoozeRequest,
+    UnscheduleRequest,
+    ApproveRequest,
+    RejectRequest,
+    NoteRequest,
+    ClaimRequest,
+    ReleaseRequest,
+)
 
 
 def _parsed(model: type[_T], raw: Any) -> _T:

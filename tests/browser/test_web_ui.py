@@ -178,3 +178,46 @@ async def test_update_with_blank_reason_is_refused_in_web_ui(
     state = await handle.query(TroubleshootingWorkflow.state)
     assert state.state is TsqState.AWAITING_OPERATOR
     assert state.decision is None
+
+
+async def test_second_operator_approves_a_proposal_from_web_ui(
+    page: Page,
+    ui_url: str,
+    tsq: TroubleshootingClient,
+    pool: asyncpg.Pool,
+    screenshots: Path,
+) -> None:
+    """Under a four-eyes policy a complete waits as PENDING_APPROVAL; the details say who
+    proposed what and give the JSON; Send an Update `operator_approve` as another operator
+    carries it out."""
+    domain = new_domain()
+    await tsq.set_policy(domain, "four-eyes", require_approval=["complete"], operator="lead")
+    command_id = await seed_command(pool, domain)
+    workflow_id = await tsq.start_workflow(domain, command_id)
+    proposed = await tsq.operator_complete(
+        domain, command_id, result_data={"refunded": True}, operator="alice@example.com"
+    )
+    assert proposed is not None and proposed.proposal is not None
+    await wait_listed(tsq.temporal, f'CommandDomain="{domain}" AND TsqState="PENDING_APPROVAL"')
+
+    await page.goto(f"{ui_url}/namespaces/default/workflows/{quote(workflow_id, safe='')}")
+    details = await open_current_details(page)
+    await expect(details).to_contain_text("PENDING_APPROVAL")
+    await expect(details).to_contain_text("proposed by alice@example.com")
+    await page.screenshot(path=screenshots / "ui-6-proposal.png")
+
+    approval = {"operator": "bob@example.com", "comment": "refund confirmed by the bank"}
+    dialog = await fill_dialog(page, "Send an Update", "operator_approve", approval)
+    await page.screenshot(path=screenshots / "ui-7-approve.png")
+    await dialog.get_by_role("button", name="Submit").click()
+    await expect(dialog).to_be_hidden()
+
+    await assert_eventually(
+        lambda: status_of(pool, domain, command_id), lambda s: s == "COMPLETED", within=30
+    )
+    [reply] = await replies_for(pool, f"{domain}__replies", command_id)
+    assert reply["data"] == {"refunded": True}
+    [approved] = await audit_rows(pool, domain, command_id, "TSQ_APPROVED")
+    assert approved["details_json"]["operator"] == "bob@example.com"
+    [complete] = await audit_rows(pool, domain, command_id, "OPERATOR_COMPLETE")
+    assert complete["details_json"]["approved_by"] == "bob@example.com"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,23 +12,11 @@ import asyncpg
 import pytest
 from temporalio.client import Client
 
-from tests.helpers import audit_rows, new_domain, seed_command, status_of
+from tests.helpers import TSQ, audit_rows, new_domain, seed_command, status_of, tsq_env
 from tsq import TroubleshootingClient
 from tsq.settings import Settings
 
-TSQ = str(Path(sys.executable).parent / "tsq")
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TSQ_", "TEMPORAL_"))}
-    env.pop("DATABASE_URL", None)
-    env.update(
-        TSQ_DATABASE_URL=settings.database_url or "",
-        TEMPORAL_ADDRESS=settings.temporal_address,
-        TSQ_TASK_QUEUE=settings.task_queue,
-    )
-    env.update(extra)
-    return env
+_env = tsq_env
 
 
 async def _tsq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

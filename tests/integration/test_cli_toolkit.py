@@ -4,58 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
 from tests.helpers import (
+    TSQ,
     assert_eventually,
     audit_rows,
     new_domain,
     replies_for,
+    run_tsq,
     seed_command,
     status_of,
+    tsq_env,
 )
 from tsq import TroubleshootingClient
 from tsq.settings import Settings
 from tsq.store import ensure_queue
 from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem
 
-TSQ = str(Path(sys.executable).parent / "tsq")
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TSQ_", "TEMPORAL_"))}
-    env.pop("DATABASE_URL", None)
-    env.update(
-        TSQ_DATABASE_URL=settings.database_url or "",
-        TEMPORAL_ADDRESS=settings.temporal_address,
-        TSQ_TASK_QUEUE=settings.task_queue,
-    )
-    return env
-
-
-async def _tsq(
-    settings: Settings, *args: str, stdin: str = "", deadline: float = 90
-) -> subprocess.CompletedProcess[str]:
-    # stdin is always a pipe, never the terminal pytest may run in: no prompt can wait forever.
-    return await asyncio.to_thread(
-        subprocess.run,
-        [TSQ, *args],
-        env=_env(settings),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=deadline,
-    )
+_tsq = run_tsq
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str], command: str) -> str:
@@ -409,7 +383,7 @@ async def test_ctrl_c_stops_a_bulk_decision_and_prints_what_was_done(
     await _seed_many(pool, domain, 600)
     process = await asyncio.create_subprocess_exec(
         TSQ, "cancel", domain, "--all", "--yes", "--rate", "50", "--reason", "incident",
-        env=_env(settings),
+        env=tsq_env(settings),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

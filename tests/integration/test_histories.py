@@ -274,3 +274,73 @@ async def test_refresh_after_another_tool_decided(
     await handle.signal("tsq_refresh")
     events = await _events(handle, "refresh_decided_elsewhere")
     assert (events[UPSERT], events[MARKER]) == (1, 1)
+
+
+async def test_proposal_approved(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> None:
+    """A complete proposed by update, approved by signal: PENDING_APPROVAL then COMPLETED,
+    the proposal's audit row, and the decision with its approval in one transaction."""
+    domain, command_id, handle = await _with_policy(tsq, pool, require_approval=["complete"])
+    await tsq.operator_complete(domain, command_id, operator="alice")
+    await handle.signal("approve", {"operator": "bob", "comment": "ok"})
+    events = await _events(handle, "proposal_approved")
+    assert (events[UPSERT], events[MARKER]) == (2, 2)
+
+
+async def test_proposal_rejected_then_cancel(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A retry proposed by signal, rejected by update, then a cancel (no approval needed)."""
+    _, _, handle = await _with_policy(tsq, pool, require_approval=["retry"])
+    await handle.signal("retry", {"operator": "alice"})
+    await assert_eventually(lambda: handle.query("state"), lambda s: s["proposal"] is not None)
+    await handle.execute_update("operator_reject", {"operator": "bob", "reason": "no"})
+    await handle.signal("cancel", CANCEL)
+    events = await _events(handle, "proposal_rejected_then_cancel")
+    assert (events[UPSERT], events[MARKER]) == (3, 3)
+
+
+async def test_proposal_expired_then_complete(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A proposal nobody approves expires on its timer; the command waits, then a complete
+    (proposed, approved)."""
+    domain, command_id, handle = await _with_policy(
+        tsq, pool, require_approval=["complete"], approval_expires_after="1s"
+    )
+    await tsq.operator_complete(domain, command_id, operator="alice")
+    await assert_eventually(
+        lambda: handle.query("state"), lambda s: s["state"] == "AWAITING_OPERATOR", within=30
+    )
+    await tsq.operator_complete(domain, command_id, operator="alice")
+    await tsq.approve(domain, command_id, operator="bob")
+    events = await _events(handle, "proposal_expired_then_complete")
+    assert events[TIMER_STARTED] == 2
+
+
+async def test_claim_forced_by_another_operator(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A claim (TsqClaimedBy set), a note, another operator's forced cancel (cleared)."""
+    domain, command_id, handle = await _parked(tsq, pool)
+    await tsq.claim(domain, command_id, operator="alice", for_="1h")
+    await handle.signal("note", {"text": "on it", "operator": "alice"})
+    await handle.signal("cancel", {**CANCEL, "force": True})
+    events = await _events(handle, "claim_forced_cancel")
+    assert events[UPSERT] == 3
+
+
+async def test_claim_expired_then_edited_retry(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A claim that ends on its timer, then a retry with a patch by another operator."""
+    _, _, handle = await _parked(tsq, pool)
+    await handle.signal("claim", {"operator": "alice", "for": "1s"})
+    await assert_eventually(
+        lambda: handle.query("state"), lambda s: s["claimed_by"] == "alice", within=30
+    )
+    await assert_eventually(
+        lambda: handle.query("state"), lambda s: s["claimed_by"] is None, within=30
+    )
+    await handle.signal("retry", {"operator": "bob", "patch": {"data": {"amount": 1}}})
+    events = await _events(handle, "claim_expired_then_edited_retry")
+    assert events[TIMER_STARTED] == 1

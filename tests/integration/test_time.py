@@ -217,7 +217,9 @@ async def test_expiry_racing_an_operator_ends_in_one_effect(
             {"expire_after": "1h", "expire_decision": "complete", "result_data": {"x": "\x00"}},
             "NUL",
         ),
-        ({}, "escalate-after, expire-after, or both"),
+        ({}, "escalate-after, expire-after or require-approval"),
+        ({"require_approval": ["cancel", "explode"]}, "the decisions are"),
+        ({"approval_expires_after": "1h"}, "goes with"),
     ],
 )
 async def test_bad_policy_is_refused_naming_the_field_and_changes_nothing(

@@ -190,14 +190,78 @@ CREATE OR REPLACE FUNCTION tsq.reply_body(
               ELSE '{}'::jsonb END
 $fn$;
 
+-- Whether two operator names are one person's: trimmed, case-insensitively.
+CREATE OR REPLACE FUNCTION tsq.same_operator(a TEXT, b TEXT) RETURNS BOOLEAN
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT lower(btrim(a, E' \t\r\n')) = lower(btrim(b, E' \t\r\n'))
+$fn$;
+
+-- Claims: an operator on a parked command. Its workflow writes them (with its own count of its
+-- events, `seq`, so a late write never undoes a later one); tsq.decide refuses another
+-- operator's decision while one lasts, unless forced.
+CREATE TABLE IF NOT EXISTS tsq.claim (
+    parking_id  BIGINT PRIMARY KEY REFERENCES tsq.parking,
+    domain      TEXT NOT NULL,
+    command_id  UUID NOT NULL,
+    claimed_by  TEXT NOT NULL,
+    until       TIMESTAMPTZ NOT NULL,
+    seq         INT NOT NULL
+);
+
+-- RFC 7396 JSON merge patch: objects merge key by key, null removes a key, anything else
+-- replaces the value.
+CREATE OR REPLACE FUNCTION tsq.merge_patch(p_target JSONB, p_patch JSONB) RETURNS JSONB
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+DECLARE
+    v_result JSONB;
+    v_key TEXT;
+    v_value JSONB;
+BEGIN
+    IF jsonb_typeof(p_patch) IS DISTINCT FROM 'object' THEN
+        RETURN p_patch;
+    END IF;
+    v_result := CASE WHEN jsonb_typeof(p_target) = 'object' THEN p_target ELSE '{}' END;
+    FOR v_key, v_value IN SELECT key, value FROM jsonb_each(p_patch) LOOP
+        IF jsonb_typeof(v_value) = 'null' THEN
+            v_result := v_result - v_key;
+        ELSE
+            v_result := v_result
+                || jsonb_build_object(v_key, tsq.merge_patch(v_result -> v_key, v_value));
+        END IF;
+    END LOOP;
+    RETURN v_result;
+END;
+$fn$;
+
+CREATE OR REPLACE FUNCTION tsq.sha256(p JSONB) RETURNS TEXT LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT encode(sha256(convert_to(p::text, 'UTF8')), 'hex')
+$fn$;
+
+-- A refusal of tsq.decide: raised with its SQLSTATE (the transaction rolls back), or, when soft
+-- (a preview, a bulk operation's item), returned: every refusal comes before the first write,
+-- so there is nothing to undo, and no savepoint is needed.
+CREATE OR REPLACE FUNCTION tsq.refuse(p_soft BOOLEAN, p_state TEXT, p_message TEXT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF p_soft THEN
+        RETURN jsonb_build_object('refused', jsonb_build_object(
+            'sqlstate', p_state, 'message', p_message));
+    END IF;
+    RAISE EXCEPTION '%', p_message USING ERRCODE = p_state;
+END;
+$fn$;
+
 -- One decision, as one transaction (the caller's): the guarded status change, the reply or the
 -- message re-sent, the audit row, the batch counters and the idempotency record. `p` is the
 -- decision: effect_key, domain, command_id, parking_id (NULL: a workflow of tsq 0.1, guarded by
 -- status only), decision, status_after, audit_event, reply_outcome, batch_update, operator,
--- reason, result_data, via, request_id, workflow_id, decided_by. Returns the outcome, which
--- is recorded under effect_key: run again, it returns the same outcome and changes nothing.
--- Refusals that retrying cannot fix raise SQLSTATE TQ001 (bad input) or TQ002 (no original
--- message to re-send), and roll everything back.
+-- reason, result_data, via, request_id, workflow_id, decided_by, patch (a retry's merge patch
+-- of the original message), force (over another operator's claim), approved_by and
+-- approval_comment (a proposal approved), bulk_id (a bulk operation's), soft. Returns the outcome, which is recorded under
+-- effect_key: run again, it returns the same outcome and changes nothing. Refusals that
+-- retrying cannot fix raise SQLSTATE TQ001 (bad input), TQ002 (no original message to re-send),
+-- TQ003 (claimed by another operator) or TQ004 (needs approval), and roll everything back
+-- (with `soft` or `preview`, see tsq.preview, it returns them instead).
 CREATE OR REPLACE FUNCTION tsq.decide(p JSONB) RETURNS JSONB
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -219,6 +283,13 @@ DECLARE
     v_outcome JSONB;
     v_audit_id BIGINT;
     v_detail TEXT;
+    v_claim tsq.claim%ROWTYPE;
+    v_patched JSONB;
+    v_changed TEXT;
+    v_by TEXT := p->>'approved_by';
+    v_links JSONB;
+    -- Refusals returned rather than raised: a preview's, a bulk operation's.
+    v_soft BOOLEAN := coalesce((p->>'preview')::boolean OR (p->>'soft')::boolean, false);
 BEGIN
     PERFORM set_config('lock_timeout', coalesce(p->>'lock_timeout', '5s'), true);
     SELECT result INTO v_recorded FROM tsq.effect WHERE effect_key = v_key;
@@ -260,39 +331,99 @@ BEGIN
         RETURN v_outcome;
     END IF;
 
-    PERFORM set_config('tsq.decided_by', coalesce(p->>'decided_by', 'workflow'), true);
+    -- Every refusal is checked before anything is written: a soft refusal (a preview, a bulk
+    -- operation) returns with nothing to undo.
+    -- Four eyes: an operator's own decision of a kind a matching policy asks approval for is
+    -- refused (its workflow makes it a proposal; it had not read that policy yet).
+    IF v_by IS NULL AND p->>'via' IN ('signal', 'update', 'bulk') AND coalesce(
+        tsq.command_policy(v_domain, v_cmd.command_type, v_cmd.last_error_code)
+            -> 'require_approval' ? v_kind, false) THEN
+        RETURN tsq.refuse(v_soft, 'TQ004', format('a %s of command %s needs another '
+            'operator''s approval (a policy of domain %s asks for it): send the decision again '
+            'and it becomes a proposal', v_kind, v_cid, v_domain));
+    END IF;
+    -- Another operator's claim holds the decision back, unless forced (audited below).
+    SELECT * INTO v_claim FROM tsq.claim WHERE parking_id = v_parking AND until > now()
+        AND NOT coalesce(tsq.same_operator(claimed_by, p->>'operator')
+                         OR tsq.same_operator(claimed_by, v_by), false);
+    IF FOUND AND NOT coalesce((p->>'force')::boolean, false) THEN
+        RETURN tsq.refuse(v_soft, 'TQ003', format('command %s is claimed by %s until %s: '
+            'ask them, wait for the claim to end, or decide with force (audited)', v_cid,
+            v_claim.claimed_by,
+            to_char(v_claim.until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS"Z"')));
+    END IF;
     IF v_kind = 'retry' THEN
         SELECT m.message, m.source INTO v_message, v_source
         FROM tsq.original_message(v_domain, v_cid) m;
         v_queue := coalesce(nullif(v_cmd.queue_name, ''), v_domain || '__commands');
         IF v_message IS NULL THEN
-            RAISE EXCEPTION 'cannot retry command %: its original message is neither in pgmq.a_% '
-                '(msg_id %) nor in commandbus.payload_archive; nothing was changed',
-                v_cid, v_queue, coalesce(v_cmd.msg_id::text, 'none')
-                USING ERRCODE = 'TQ002';
+            RETURN tsq.refuse(v_soft, 'TQ002', format('cannot retry command %s: its original '
+                'message is neither in pgmq.a_%s (msg_id %s) nor in commandbus.payload_archive; '
+                'nothing was changed', v_cid, v_queue, coalesce(v_cmd.msg_id::text, 'none')));
         END IF;
         IF v_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
-            RAISE EXCEPTION 'cannot retry command %: % is not a valid PGMQ queue name (letters, '
-                'digits and _, starting with a letter or _, at most 47 characters)',
-                v_cid, quote_literal(v_queue) USING ERRCODE = 'TQ001';
+            RETURN tsq.refuse(v_soft, 'TQ001', format('cannot retry command %s: %s is not a '
+                'valid PGMQ queue name (letters, digits and _, starting with a letter or _, at '
+                'most 47 characters)', v_cid, quote_literal(v_queue)));
         END IF;
-        v_msg_id := tsq.send(v_queue, v_message);
+        IF jsonb_typeof(p->'patch') = 'object' THEN
+            -- Edit and retry: only the edited message is sent; the original stays archived.
+            v_patched := tsq.merge_patch(v_message, p->'patch');
+            SELECT string_agg(k, ', ') INTO v_changed
+            FROM unnest(ARRAY['command_id', 'domain', 'type', 'command_type', 'correlation_id']) k
+            WHERE v_message -> k IS DISTINCT FROM v_patched -> k;
+            IF v_changed IS NOT NULL OR jsonb_typeof(v_patched) <> 'object' THEN
+                RETURN tsq.refuse(v_soft, 'TQ001', format('cannot retry command %s with this '
+                    'patch: it changes %s; an edited message is still the same command', v_cid,
+                    coalesce(v_changed, 'the whole message')));
+            END IF;
+        END IF;
+    ELSE
+        v_queue := nullif(v_cmd.reply_queue, '');
+        IF v_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
+            RETURN tsq.refuse(v_soft, 'TQ001', format('cannot send the reply of command %s: '
+                '%s is not a valid PGMQ queue name (letters, digits and _, starting with a '
+                'letter or _, at most 47 characters)', v_cid, quote_literal(v_queue)));
+        END IF;
+    END IF;
+
+    v_links := jsonb_strip_nulls(jsonb_build_object(
+        'workflow_id', p->>'workflow_id', 'via', p->>'via', 'parking_id', v_parking,
+        'bulk_id', p->>'bulk_id'));
+    IF v_claim.parking_id IS NOT NULL THEN
+        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+        VALUES (v_domain, v_cid, 'TSQ_CLAIM_FORCED', jsonb_build_object(
+            'operator', p->>'operator', 'decision', v_kind, 'claimed_by', v_claim.claimed_by,
+            'claimed_until', v_claim.until) || v_links);
+    END IF;
+    IF v_by IS NOT NULL THEN
+        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+        VALUES (v_domain, v_cid, 'TSQ_APPROVED', jsonb_strip_nulls(jsonb_build_object(
+            'operator', v_by, 'proposed_by', p->>'operator', 'decision', v_kind,
+            'comment', p->>'approval_comment')) || v_links);
+    END IF;
+    DELETE FROM tsq.claim WHERE parking_id = v_parking;
+
+    PERFORM set_config('tsq.decided_by', coalesce(p->>'decided_by', 'workflow'), true);
+    IF v_kind = 'retry' THEN
+        v_msg_id := tsq.send(v_queue, coalesce(v_patched, v_message));
         UPDATE commandbus.command
         SET status = p->>'status_after', updated_at = now(), attempts = 0, msg_id = v_msg_id,
             last_error_type = NULL, last_error_code = NULL, last_error_msg = NULL
         WHERE domain = v_domain AND command_id = v_cid;
         v_details := jsonb_build_object('operator', p->>'operator', 'new_msg_id', v_msg_id,
             'old_msg_id', v_cmd.msg_id, 'payload_from', v_source);
+        IF v_patched IS NOT NULL THEN
+            v_details := v_details || jsonb_build_object('patch', p->'patch',
+                'message_sha256_before', tsq.sha256(v_message),
+                'message_sha256_after', tsq.sha256(v_patched));
+        END IF;
         v_outcome := jsonb_build_object('new_msg_id', v_msg_id,
-            'detail', format('retried; message %s sent to %s', v_msg_id, v_queue));
+            'detail', format('retried%s; message %s sent to %s',
+                CASE WHEN v_patched IS NOT NULL THEN ' with the edited message' ELSE '' END,
+                v_msg_id, v_queue));
     ELSE
-        v_queue := nullif(v_cmd.reply_queue, '');
         IF v_queue IS NOT NULL THEN
-            IF v_queue !~ '^[A-Za-z_][A-Za-z0-9_]{0,46}$' THEN
-                RAISE EXCEPTION 'cannot send the reply of command %: % is not a valid PGMQ queue '
-                    'name (letters, digits and _, starting with a letter or _, at most 47 '
-                    'characters)', v_cid, quote_literal(v_queue) USING ERRCODE = 'TQ001';
-            END IF;
             v_msg_id := tsq.send(v_queue, tsq.reply_body(v_cmd, p->>'reply_outcome',
                 CASE WHEN v_kind = 'cancel' THEN v_reason END, v_data));
         END IF;
@@ -316,9 +447,8 @@ BEGIN
                 THEN format('%s; no reply queue, no reply sent', p->>'past')
                 ELSE format('%s; reply %s sent to %s', p->>'past', v_msg_id, v_queue) END);
     END IF;
-    v_details := v_details || jsonb_strip_nulls(jsonb_build_object(
-        'workflow_id', p->>'workflow_id', 'via', p->>'via', 'parking_id', v_parking,
-        'bulk_id', p->>'bulk_id'));
+    v_details := v_details || v_links
+        || jsonb_strip_nulls(jsonb_build_object('approved_by', v_by));
     INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
     VALUES (v_domain, v_cid, p->>'audit_event', v_details)
     RETURNING audit_id INTO v_audit_id;
@@ -326,7 +456,7 @@ BEGIN
         'decision', v_kind, 'carried_out', true, 'status', p->>'status_after',
         'operator', p->>'operator', 'reason', v_reason, 'audit_id', v_audit_id,
         'request_id', p->>'request_id', 'domain', v_domain, 'command_id', v_cid,
-        'parking_id', v_parking);
+        'parking_id', v_parking, 'approved_by', v_by, 'bulk_id', p->>'bulk_id');
     INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
     VALUES (v_key, v_domain, v_cid, v_kind, v_outcome);
     -- Last: the batch row stays locked only until the commit, while other decisions of the
@@ -339,6 +469,79 @@ BEGIN
         END CASE;
     END IF;
     RETURN v_outcome;
+END;
+$fn$;
+
+-- A message in a PGMQ queue by id (a preview reads back what a decision would send).
+CREATE OR REPLACE FUNCTION tsq.queued_message(p_queue TEXT, p_msg_id BIGINT) RETURNS JSONB
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_queue TEXT := tsq.queue_named(p_queue);
+    v_message JSONB;
+BEGIN
+    IF v_queue IS NULL OR p_msg_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT message FROM pgmq.%I WHERE msg_id = $1',
+        pgmq.format_table_name(v_queue, 'q')) INTO v_message USING p_msg_id;
+    RETURN v_message;
+END;
+$fn$;
+
+-- What tsq.decide(p) would do, read back inside the caller's transaction, which then rolls
+-- back (`tsq retry ... --dry-run`): the status before and after, the reply or the message
+-- re-sent with its queue, the audit rows, the batch before and after. Nothing it wrote
+-- survives the rollback; NOTIFY is only delivered on commit.
+CREATE OR REPLACE FUNCTION tsq.preview(p JSONB) RETURNS JSONB
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_domain TEXT := p->>'domain';
+    v_cid UUID := (p->>'command_id')::uuid;
+    v_before commandbus.command%ROWTYPE;
+    v_after commandbus.command%ROWTYPE;
+    v_batch_before commandbus.batch%ROWTYPE;
+    v_batch_after commandbus.batch%ROWTYPE;
+    v_last_audit BIGINT;
+    v_outcome JSONB;
+    v_queue TEXT;
+BEGIN
+    SELECT * INTO v_before FROM commandbus.command WHERE domain = v_domain AND command_id = v_cid;
+    SELECT * INTO v_batch_before FROM commandbus.batch
+    WHERE domain = v_domain AND batch_id = v_before.batch_id;
+    SELECT coalesce(max(audit_id), 0) INTO v_last_audit FROM commandbus.audit
+    WHERE command_id IN (v_cid, v_before.batch_id);
+    v_outcome := tsq.decide(p || '{"preview": true}');
+    IF v_outcome ? 'refused' THEN
+        RETURN v_outcome;
+    END IF;
+    IF NOT (v_outcome->>'carried_out')::boolean THEN
+        RETURN jsonb_build_object('outcome', v_outcome, 'status_before', v_before.status);
+    END IF;
+    SELECT * INTO v_after FROM commandbus.command WHERE domain = v_domain AND command_id = v_cid;
+    SELECT * INTO v_batch_after FROM commandbus.batch
+    WHERE domain = v_domain AND batch_id = v_before.batch_id;
+    v_queue := coalesce(v_outcome->>'reply_queue',
+        coalesce(nullif(v_before.queue_name, ''), v_domain || '__commands'));
+    RETURN jsonb_build_object(
+        'outcome', v_outcome,
+        'status_before', v_before.status,
+        'status_after', v_after.status,
+        'reply', CASE WHEN v_outcome->>'reply_msg_id' IS NOT NULL THEN jsonb_build_object(
+            'queue', v_queue,
+            'body', tsq.queued_message(v_queue, (v_outcome->>'reply_msg_id')::bigint)) END,
+        'message', CASE WHEN v_outcome->>'new_msg_id' IS NOT NULL THEN jsonb_build_object(
+            'queue', v_queue,
+            'body', tsq.queued_message(v_queue, (v_outcome->>'new_msg_id')::bigint)) END,
+        'audit', (SELECT jsonb_agg(jsonb_build_object('event_type', event_type,
+                'command_id', command_id, 'details', details_json) ORDER BY audit_id)
+            FROM commandbus.audit
+            WHERE command_id IN (v_cid, v_before.batch_id) AND audit_id > v_last_audit),
+        'batch', CASE WHEN v_batch_before.batch_id IS NOT NULL THEN jsonb_build_object(
+            'batch_id', v_batch_before.batch_id,
+            'before', to_jsonb(v_batch_before),
+            'after', to_jsonb(v_batch_after),
+            'closes', v_batch_before.completed_at IS NULL
+                AND v_batch_after.completed_at IS NOT NULL) END);
 END;
 $fn$;
 

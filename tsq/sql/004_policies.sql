@@ -1,7 +1,9 @@
--- Policies: what happens to a parked command that nobody decides. For a domain, optionally
--- narrowed by command type and/or error code (the most specific match wins): escalate after a
--- while, expire after a while with a decision (cancel with a reason, or complete with result
--- data). Every change is audited as TSQ_POLICY_CHANGED under the policy's own id.
+-- Policies: what happens to a parked command that nobody decides, and which decisions need a
+-- second operator. For a domain, optionally narrowed by command type and/or error code (the
+-- most specific match gives the deadlines): escalate after a while, expire after a while with
+-- a decision (cancel with a reason, or complete with result data). Approvals add up: every
+-- matching policy's `require_approval` applies. Every change is audited as TSQ_POLICY_CHANGED
+-- under the policy's own id.
 CREATE TABLE IF NOT EXISTS tsq.policy (
     policy_id           UUID NOT NULL DEFAULT gen_random_uuid() UNIQUE,
     domain              TEXT NOT NULL,
@@ -13,6 +15,9 @@ CREATE TABLE IF NOT EXISTS tsq.policy (
     expire_decision     TEXT CHECK (expire_decision IN ('cancel', 'complete')),
     expire_reason       TEXT,
     expire_result_data  JSONB,
+    require_approval    TEXT[] NOT NULL DEFAULT '{}'
+        CHECK (require_approval <@ ARRAY['cancel', 'retry', 'complete']),
+    approval_expires_after INTERVAL CHECK (approval_expires_after > interval '0'),
     updated_at          TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     updated_by          TEXT,
     PRIMARY KEY (domain, name),
@@ -54,4 +59,22 @@ LANGUAGE sql IMMUTABLE AS $fn$
         'expire_decision', p.expire_decision,
         'expire_reason', p.expire_reason,
         'expire_result_data', p.expire_result_data)) END
+$fn$;
+
+-- The policy a command follows, as its workflow takes it (see tsq.policy_view): the deadlines
+-- of the most specific match, and the approvals of every match (the shortest expiry of those).
+CREATE OR REPLACE FUNCTION tsq.command_policy(p_domain TEXT, p_type TEXT, p_code TEXT)
+RETURNS JSONB LANGUAGE sql STABLE AS $fn$
+    WITH approval AS (
+        SELECT coalesce(array_agg(DISTINCT kind ORDER BY kind), '{}') AS kinds,
+            extract(epoch FROM min(p.approval_expires_after)) AS expires
+        FROM tsq.policy p CROSS JOIN LATERAL unnest(p.require_approval) AS kind
+        WHERE p.domain = p_domain
+          AND (p.command_type IS NULL OR p.command_type = p_type)
+          AND (p.error_code IS NULL OR p.error_code = p_code)
+    )
+    SELECT tsq.policy_view(tsq.policy_for(p_domain, p_type, p_code))
+        || jsonb_build_object('require_approval', to_jsonb(a.kinds))
+        || jsonb_strip_nulls(jsonb_build_object('approval_expires_after', a.expires))
+    FROM approval a
 $fn$;
