@@ -637,7 +637,12 @@ async def claim_parkings(conn: Conn, *, lease_s: float, limit: int) -> list[asyn
 
 async def finish_todos(conn: Conn, done: Sequence[tuple[int, int, str | None]]) -> None:
     """The claimed work of these (parking id, todo_seq, problem) is done, or can never be
-    (`problem` says why); unless a parking changed meanwhile, which left new work."""
+    (`problem` says why); unless a parking changed meanwhile, which left new work.
+
+    A parking whose row a decision holds is passed over, not waited for: that decision moves
+    it on (new work, a new todo_seq) or rolls back, and then the claim runs out and the work,
+    which is idempotent, is done again. Waiting would stall the watcher on one slow decision,
+    and, holding the rows it updated, every caller starting those workflows too."""
     if not done:
         return
     await conn.execute(
@@ -645,6 +650,8 @@ async def finish_todos(conn: Conn, done: Sequence[tuple[int, int, str | None]]) 
         UPDATE tsq.parking p SET todo = NULL, claimed_until = NULL, problem = d.problem
         FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS d(parking_id, todo_seq, problem)
         WHERE p.parking_id = d.parking_id AND p.todo_seq = d.todo_seq
+          AND p.parking_id IN (SELECT parking_id FROM tsq.parking
+                               WHERE parking_id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)
         """,
         [pid for pid, _, _ in done],
         [seq for _, seq, _ in done],
@@ -705,9 +712,15 @@ async def retry_todo(
 
 
 async def started(conn: Conn, parking_id: int) -> None:
-    """A caller started (or found) this parking's workflow: the watcher need not."""
+    """A caller started (or found) this parking's workflow: the watcher need not. A row
+    another transaction holds is left as it is (the watcher's start, if it comes, finds the
+    workflow running): a caller never waits here."""
     await conn.execute(
-        "UPDATE tsq.parking SET todo = NULL WHERE parking_id = $1 AND todo = 'start'",
+        """
+        UPDATE tsq.parking SET todo = NULL
+        WHERE parking_id = (SELECT parking_id FROM tsq.parking
+                            WHERE parking_id = $1 AND todo = 'start' FOR UPDATE SKIP LOCKED)
+        """,
         parking_id,
     )
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from tsq.contract import (
@@ -559,12 +560,15 @@ class TroubleshootingWorkflow:
     ) -> Any:
         """Run a local activity; Request Cancellation cannot interrupt it (tsq 0.1's workflows
         let it, and took a decision's cancellation for a refusal)."""
-        call = workflow.execute_local_activity(
+        call = _timeouts_as_activity_errors(
             name,
-            arg,
-            start_to_close_timeout=ACTIVITY_TIMEOUT,
-            retry_policy=retry,
-            result_type=result_type,
+            workflow.execute_local_activity(
+                name,
+                arg,
+                start_to_close_timeout=ACTIVITY_TIMEOUT,
+                retry_policy=retry,
+                result_type=result_type,
+            ),
         )
         if not self._v2:
             return await call
@@ -1651,6 +1655,24 @@ def _request_label(handler: str) -> str:
     if handler in {kind.value for kind in DecisionKind}:
         return handler
     return "cancellation" if handler == "Request Cancellation" else "unknown"
+
+
+async def _timeouts_as_activity_errors(name: str, call: Awaitable[Any]) -> Any:
+    """A local activity's last attempt timing out reaches the workflow as an `ActivityError`
+    when it happens, but replayed from its marker as a bare `TimeoutError`: one error for
+    both, or a replay after a worker restart takes another path (nondeterminism)."""
+    try:
+        return await call
+    except ActivityTimeoutError as err:
+        raise ActivityError(
+            "activity timed out",
+            scheduled_event_id=0,
+            started_event_id=0,
+            identity="",
+            activity_type=name,
+            activity_id="",
+            retry_state=None,
+        ) from err
 
 
 def _refused(err: ActivityError | ApplicationError) -> bool:

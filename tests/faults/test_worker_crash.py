@@ -14,6 +14,7 @@ spent once per test.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import pytest
@@ -22,6 +23,7 @@ from temporalio.client import Client
 from tests.faults.figures import Figures
 from tests.faults.services import Workers
 from tests.faults.support import (
+    CANCEL,
     DECISIONS,
     Callers,
     Decision,
@@ -35,8 +37,9 @@ from tests.faults.support import (
     verify_exactly_once,
     wait_paused,
 )
-from tests.helpers import new_domain
+from tests.helpers import assert_eventually, new_domain
 from tsq.client import TroubleshootingClient
+from tsq.workflows.troubleshooting import ACTIVITY_TIMEOUT
 
 # Steps of the decision's transaction, in the order it reaches them.
 BOUNDARIES = {
@@ -134,3 +137,39 @@ async def test_worker_killed_after_commit_before_the_workflow_recorded_it(
     for decision, seeded, callers in rounds:
         await verify_exactly_once(db, temporal_client, decision, seeded, figures)
         assert_answers(await callers.answers(within=60))
+
+
+async def test_decision_whose_first_attempt_timed_out_replays_on_a_new_worker(
+    db: asyncpg.Pool,
+    temporal_client: Client,
+    tsq_client: TroubleshootingClient,
+    workers: Workers,
+    figures: Figures,
+) -> None:
+    """A first attempt that outlived its timeout (the database stalled inside the transaction),
+    then the worker killed: the new worker replays that timeout as the first one lived it,
+    and the decision is carried out once."""
+    seeded = await seed(db, new_domain(), 3)
+    await hold(db, seeded.domain, "status", seconds=ACTIVITY_TIMEOUT.total_seconds() + 10)
+    victim = await workers.start("victim-timeout")
+    callers = await decide_all(CANCEL, tsq_client, temporal_client, seeded)
+
+    async def timed_out(cid: uuid.UUID) -> bool:
+        history = await handle_of(temporal_client, seeded.domain, cid).fetch_history()
+        return any(
+            e.marker_recorded_event_attributes.failure.HasField("timeout_failure_info")
+            for e in history.events
+            if e.HasField("marker_recorded_event_attributes")
+        )
+
+    await assert_eventually(
+        lambda: asyncio.gather(*(timed_out(cid) for cid in seeded.ids)),
+        all,
+        within=ACTIVITY_TIMEOUT.total_seconds() + 30,
+    )
+    await release(db, seeded.domain)
+    victim.kill()
+    await workers.start("finisher")
+    await verify_exactly_once(db, temporal_client, CANCEL, seeded, figures)
+    assert_answers(await callers.answers(within=60))
+    figures.fault("decision's first attempt timed out, worker killed, replayed", len(seeded.ids))
