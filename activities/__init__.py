@@ -25,6 +25,10 @@ from tsq.errors import (
     PayloadNotFoundError,
 )
 from tsq.models import (
+    BulkChunk,
+    BulkFinish,
+    BulkOperation,
+    BulkProgress,
     CarryOut,
     DecisionOutcome,
     Observe,
@@ -35,6 +39,7 @@ from tsq.models import (
     RefusedRequest,
     storable_text,
 )
+from tsq.render import one_line
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,42 @@ class TroubleshootingActivities:
     async def observe(self, req: Observe) -> Observed:
         """The workflow's parking as the database has it now (see `Observed`)."""
         return await store.observe(self._pool, req)
+
+    @activity.defn(name=Activity.BULK_CHUNK)
+    async def bulk_chunk(self, req: BulkChunk) -> BulkProgress:
+        """Decide the next items of a bulk operation, in one transaction; run again, it finds
+        what it committed and goes on from there."""
+        try:
+            return BulkProgress.model_validate(
+                await store.bulk_chunk(self._pool, req.bulk_id, req.limit)
+            )
+        except asyncpg.PostgresError as err:
+            if permanent(err) is None:
+                raise
+            log.warning("bulk operation %s: a chunk was refused (%s)", req.bulk_id, err)
+        # One command the database refuses must not hold up the others: alone, it fails.
+        try:
+            return BulkProgress.model_validate(await store.bulk_chunk(self._pool, req.bulk_id, 1))
+        except asyncpg.PostgresError as err:
+            if permanent(err) is None:
+                raise
+            return BulkProgress.model_validate(
+                await store.bulk_fail_next(self._pool, req.bulk_id, f"refused: {one_line(err)}")
+            )
+
+    @activity.defn(name=Activity.BULK_FINISH)
+    async def bulk_finish(self, req: BulkFinish) -> BulkOperation:
+        """The end of a bulk operation: stopped (by `stopped_by`, or as asked) or finished."""
+        if req.stopped_by is not None:
+            await store.bulk_stop(self._pool, req.bulk_id, req.stopped_by)
+        row = await store.bulk_finish(self._pool, req.bulk_id)
+        if row is None:
+            raise ApplicationError(
+                f"no bulk operation {req.bulk_id}",
+                type=InvalidInputError.__name__,
+                non_retryable=True,
+            )
+        return store.bulk_operation(row)
 
 
 def _refusal_details(refusal: RefusedRequest, workflow_id: str) -> dict[str, Any]:

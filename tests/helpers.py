@@ -96,6 +96,44 @@ async def seed_command(
     return command_id
 
 
+async def seed_many(pool: asyncpg.Pool, domain: str, count: int) -> list[uuid.UUID]:
+    """`count` troubleshooting commands in one transaction, each as `seed_command` leaves one."""
+    queue, replies = f"{domain}__commands", f"{domain}__replies"
+    commands = [(uuid.uuid4(), uuid.uuid4()) for _ in range(count)]
+    async with pool.acquire() as conn, conn.transaction():
+        await ensure_queue(conn, queue)
+        msg_ids = [
+            await conn.fetchval(
+                "SELECT * FROM pgmq.send($1::text, $2::jsonb)",
+                queue,
+                {
+                    "domain": domain,
+                    "command_type": "DebitAccount",
+                    "command_id": str(command_id),
+                    "correlation_id": str(correlation_id),
+                    "data": {"account": "ACC-1", "amount": 100},
+                    "reply_to": replies,
+                },
+            )
+            for command_id, correlation_id in commands
+        ]
+        await conn.execute("SELECT pgmq.archive($1::text, $2::bigint[])", queue, msg_ids)
+        await conn.executemany(
+            """
+            INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,
+                status, attempts, max_attempts, last_error_type, last_error_code, last_error_msg,
+                reply_queue, correlation_id)
+            VALUES ($1, $2, $3, $4, 'DebitAccount', 'IN_TROUBLESHOOTING_QUEUE', 3, 3,
+                'PERMANENT', 'ACCOUNT_CLOSED', 'account ACC-1 is closed', $5, $6)
+            """,
+            [
+                (domain, queue, msg_id, command_id, replies, correlation_id)
+                for msg_id, (command_id, correlation_id) in zip(msg_ids, commands, strict=True)
+            ],
+        )
+    return [command_id for command_id, _ in commands]
+
+
 async def seed_batch(
     pool: asyncpg.Pool, domain: str, *, total: int, completed: int = 0, in_troubleshooting: int
 ) -> uuid.UUID:

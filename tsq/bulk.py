@@ -1,4 +1,10 @@
-"""One decision for many commands: select them, confirm, decide at a steady pace, sum up."""
+"""One decision for many commands, from the command line.
+
+A decision made now is a bulk operation (`TroubleshootingClient.start_bulk`): it runs as a
+workflow, and the command line only follows it, with a progress bar; Ctrl-C leaves it running.
+A retry scheduled for later (`--at`, `--in`) is sent to each command's workflow, at a steady
+pace (`decide_many`).
+"""
 
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from tsq.errors import (
 from tsq.render import one_line
 
 if TYPE_CHECKING:
-    from tsq.models import DecisionOutcome
+    from tsq.models import BulkOperation, DecisionOutcome
 
 Decide = Callable[[str], Awaitable["DecisionOutcome | None"]]
 """Makes the decision for one command id; None when it was only accepted (no wait)."""
@@ -175,6 +181,146 @@ async def preview_many(
         raise CommandLineError(
             f"{refused} of {_commands(len(previews) + len(rejected))} would not be carried out"
         )
+
+
+async def run_bulk(
+    client: TroubleshootingClient,
+    kind: DecisionKind,
+    fields: dict[str, Any],
+    *,
+    domain: str,
+    filters: Filters | None,
+    ask: bool,
+    rate: float | None,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Start a bulk operation over the commands `filters` select (None: the ids on stdin,
+    one per line, all of them UUIDs) and follow it to its end; sum up.
+
+    Raises `CommandLineError` unless every command was carried out, `Interrupted` on Ctrl-C
+    (the operation goes on)."""
+    out = sys.stderr if as_json else sys.stdout
+    selection: dict[str, Any]
+    if filters is None:
+        ids = _strict_ids(await asyncio.to_thread(sys.stdin.read))
+        selection, count = {"command_ids": ids}, len(ids)
+    else:
+        selection = {**filters, "all_waiting": not any(v is not None for v in filters.values())}
+        count = len(await _matching(client, domain, filters))
+    if count == 0:
+        raise InvalidInputError(
+            f"no command in the troubleshooting queue of {domain} matches; nothing was started"
+        )
+    if ask and not await _confirm(
+        f"{kind.value.capitalize()} {_commands(count)} in {domain}? [y/N] "
+    ):
+        raise CommandLineError("not confirmed; nothing was changed")
+    # Ctrl-C from here on leaves the operation running: the command line only follows it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        started = await client.start_bulk(kind, domain, **fields, **selection, rate=rate)
+        op = await _started(client, started, kind, wait=wait, as_json=as_json, stop=stop)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+    if op is None:
+        return
+    items = await client.bulk_items(op.bulk_id)
+    print(render.bulk_operation(op), file=out)
+    unsuccessful = [i for i in items if i.result not in (None, "carried_out")]
+    if unsuccessful:
+        print("not carried out:", file=out)
+        for item in unsuccessful[:_LISTED]:
+            print(f"  {item.command_id}  {render.BULK_LABELS[item.result or 'error']}: "
+                  f"{item.detail}", file=out)  # fmt: skip
+        if len(unsuccessful) > _LISTED:
+            print(f"  ... and {len(unsuccessful) - _LISTED} more (--json lists every one)",
+                  file=out)  # fmt: skip
+    if as_json:
+        print(json.dumps([
+            {"command_id": str(i.command_id), "result": i.result or "not_started",
+             "detail": i.detail or "left untouched: the operation was stopped"}
+            for i in items
+        ]))  # fmt: skip
+    if op.carried_out < op.total:
+        raise CommandLineError(
+            f"{op.total - op.carried_out} of {_commands(op.total)} not carried out "
+            "(see the summary)"
+        )
+
+
+async def _started(
+    client: TroubleshootingClient,
+    op: BulkOperation,
+    kind: DecisionKind,
+    *,
+    wait: bool,
+    as_json: bool,
+    stop: asyncio.Event,
+) -> BulkOperation | None:
+    """Say the operation started; follow it to its end unless told not to (None)."""
+    print(
+        f"bulk operation {op.bulk_id} started: {kind.value} of {_commands(op.total)} in "
+        f"{op.domain} (`tsq bulk status {op.bulk_id}`)",
+        file=sys.stderr,
+    )
+    if not wait:
+        print(op.model_dump_json() if as_json else op.bulk_id)
+        return None
+    return await _follow(client, op, stop)
+
+
+# With no progress for this long, the command line says what may be missing.
+_SILENT_S = 15.0
+
+
+async def _follow(
+    client: TroubleshootingClient, op: BulkOperation, stop: asyncio.Event
+) -> BulkOperation:
+    """Poll the operation until it ends, drawing a bar; `stop` (Ctrl-C) leaves it running."""
+    progress = _Progress(op.total)
+    last, moved, warned = 0, time.monotonic(), False
+    while op.status == "running" and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        op = await client.bulk(op.bulk_id)
+        done = op.total - op.remaining
+        progress.show(done, op.skipped + op.failed)
+        if done != last:
+            last, moved = done, time.monotonic()
+        elif not warned and time.monotonic() - moved > _SILENT_S:
+            warned = True
+            print(
+                f"\nno progress for {_SILENT_S:.0f}s: is a `tsq worker` running on task "
+                f"queue {client.task_queue!r}?",
+                file=sys.stderr,
+            )
+    progress.finish()
+    if stop.is_set() and op.status == "running":
+        raise Interrupted(
+            f"detached; bulk operation {op.bulk_id} goes on "
+            f"({op.total - op.remaining} of {op.total} done): `tsq bulk status {op.bulk_id}` "
+            f"follows it, `tsq bulk stop {op.bulk_id}` stops it"
+        )
+    return op
+
+
+def _strict_ids(text: str) -> list[str]:
+    """Ids from stdin, one per line, in order and once each; any line that is not a UUID
+    refuses them all, before anything starts."""
+    ids, rejected = _read_ids(text)
+    if rejected:
+        lines = "; ".join(r.detail for r in rejected[:5])
+        more = f" and {len(rejected) - 5} more" if len(rejected) > 5 else ""
+        raise InvalidInputError(
+            f"{len(rejected)} line(s) of stdin are not command ids: {lines}{more}; "
+            "nothing was started"
+        )
+    return ids
 
 
 class Interrupted(CommandLineError):
@@ -346,8 +492,10 @@ class _Progress:
         self._start = self._drawn = time.monotonic()
 
     def advance(self, done: bool) -> None:
-        self.done += 1
-        self.failed += not done
+        self.show(self.done + 1, self.failed + (not done))
+
+    def show(self, done: int, failed: int) -> None:
+        self.done, self.failed = done, failed
         now = time.monotonic()
         if self._tty and (now - self._drawn >= 0.1 or self.done == self.total):
             self._drawn = now

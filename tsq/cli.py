@@ -25,6 +25,8 @@ from tsq.errors import CommandLineError, InvalidInputError, TroubleshootingError
 from tsq.settings import Settings
 
 EXIT_FAILURE = 1
+# Retries scheduled for later, sent to each command's workflow: per second, unless --rate.
+SCHEDULED_RATE = 20.0
 
 
 def _version() -> str:
@@ -367,15 +369,29 @@ async def _decision(args: argparse.Namespace, settings: Settings) -> None:
                     as_json=args.json,
                 )
                 return
-            await bulk.decide_many(
+            if kind is DecisionKind.RETRY and (args.at or args.in_):
+                # Scheduled: each command's workflow keeps its retry until then.
+                await bulk.decide_many(
+                    client,
+                    _decider(client, args),
+                    verb=args.command,
+                    domain=args.domain,
+                    filters=filters,
+                    ask=not args.yes,
+                    rate=args.rate or SCHEDULED_RATE,
+                    concurrency=args.concurrency,
+                    as_json=args.json,
+                )
+                return
+            await bulk.run_bulk(
                 client,
-                _decider(client, args),
-                verb=args.command,
+                kind,
+                _decision_fields(args),
                 domain=args.domain,
                 filters=filters,
                 ask=not args.yes,
                 rate=args.rate,
-                concurrency=args.concurrency,
+                wait=not args.no_wait,
                 as_json=args.json,
             )
         return
@@ -459,7 +475,7 @@ def _bulk_selection(args: argparse.Namespace) -> bulk.Filters | None:
             "no COMMAND_ID, filter or --stdin: pass --all to decide every command in the "
             f"troubleshooting queue of {args.domain}"
         )
-    if args.rate <= 0 or args.concurrency < 1:
+    if (args.rate is not None and args.rate <= 0) or args.concurrency < 1:
         raise InvalidInputError("--rate must be above 0 and --concurrency at least 1")
     if not args.yes and args.stdin:
         raise CommandLineError("with --stdin, stdin holds the ids and cannot confirm: pass --yes")
@@ -517,13 +533,68 @@ def _decision_parser(
     many.add_argument("--all", action="store_true", help="every command in the domain's queue")
     many.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     many.add_argument(
-        "--rate", type=float, default=20.0, help="decisions started per second (default 20)"
+        "--rate",
+        type=float,
+        help="at most this many decisions per second (default: as fast as the database takes "
+        f"them; retries scheduled with --at/--in: {SCHEDULED_RATE:g})",
     )
     many.add_argument(
-        "--concurrency", type=int, default=10, help="decisions in flight at once (default 10)"
+        "--concurrency",
+        type=int,
+        default=10,
+        help="retries scheduled with --at/--in: how many are sent at once (default 10)",
     )
     p.set_defaults(run=_decision)
     return p
+
+
+async def _bulk(args: argparse.Namespace, settings: Settings) -> None:
+    """bulk status|list|stop."""
+    async with await TroubleshootingClient.connect(settings) as client:
+        if args.action == "list":
+            ops = await client.bulk_operations(args.domain, limit=args.limit)
+            if args.json:
+                print(json.dumps([op.model_dump(mode="json") for op in ops]))
+            else:
+                print(render.bulk_table(ops) if ops else "no bulk operations")
+            return
+        if args.action == "stop":
+            op = await client.stop_bulk(args.bulk_id, operator=args.operator)
+        else:
+            op = await client.bulk(args.bulk_id)
+        items = await client.bulk_items(op.bulk_id) if args.json and args.action == "status" else []
+    if args.json:
+        dumped = op.model_dump(mode="json")
+        if args.action == "status":
+            dumped["items"] = [item.model_dump(mode="json") for item in items]
+        print(json.dumps(dumped))
+    else:
+        print(render.bulk_operation(op))
+
+
+def _bulk_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bulk",
+        help="bulk operations: one decision for many commands (started by cancel, retry or "
+        "complete without COMMAND_ID)",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("status", help="where a bulk operation stands, its counts per result")
+    a.add_argument("bulk_id")
+    a.add_argument("--json", action="store_true", help="as JSON, with every command's result")
+    a = actions.add_parser("list", help="the latest bulk operations, newest first")
+    a.add_argument("domain", nargs="?", help="only this domain's")
+    a.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    a.add_argument("--json", action="store_true", help="as JSON")
+    a = actions.add_parser(
+        "stop", help="stop a bulk operation: what is committed stays, the rest is left untouched"
+    )
+    a.add_argument("bulk_id")
+    a.add_argument(
+        "--operator", default=_default_operator(), help="who stops it (default: your user name)"
+    )
+    a.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(run=_bulk)
 
 
 def _policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -696,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_people)
 
     _policy_parser(sub)
+    _bulk_parser(sub)
 
     p = sub.add_parser(
         "groups", help="what waits, by error code and command type: counts, oldest, newest"

@@ -34,6 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tsq import store
 from tsq.contract import (
+    BULK_WORKFLOW_TYPE,
     DECISIONS,
     DOMAIN_PATTERN,
     TERMINAL_STATUSES,
@@ -41,6 +42,7 @@ from tsq.contract import (
     CommandStatus,
     DecisionKind,
     TsqState,
+    bulk_workflow_id,
     keyword,
     workflow_id,
 )
@@ -60,6 +62,9 @@ from tsq.models import (
     CLAIM_LASTS,
     REQUEST_MODELS,
     ApproveRequest,
+    BulkItem,
+    BulkOperation,
+    BulkStart,
     CarryOut,
     ClaimRequest,
     CommandSnapshot,
@@ -119,6 +124,13 @@ def _command_uuid(value: str | UUID) -> UUID:
         return UUID(str(value))
     except ValueError:
         raise InvalidInputError(f"command id {value!r} is not a UUID") from None
+
+
+def _bulk_uuid(value: str | UUID) -> UUID:
+    try:
+        return value if isinstance(value, UUID) else UUID(str(value).strip())
+    except ValueError:
+        raise InvalidInputError(f"{value!r} is not a bulk operation id (a UUID)") from None
 
 
 def _domain(value: str) -> str:
@@ -820,6 +832,151 @@ class TroubleshootingClient:
             for cid in ids
         ]
 
+    # -- bulk operations --------------------------------------------------------------------
+
+    async def start_bulk(
+        self,
+        kind: DecisionKind | str,
+        domain: str,
+        *,
+        operator: str,
+        command_ids: Sequence[str | UUID] | None = None,
+        command_type: str | None = None,
+        error_code: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        all_waiting: bool = False,
+        reason: str | None = None,
+        result_data: dict[str, Any] | None = None,
+        patch: dict[str, Any] | None = None,
+        force: bool = False,
+        rate: float | None = None,
+    ) -> BulkOperation:
+        """Start one decision for many commands: `command_ids`, the waiting commands the
+        filters select, or all of the domain's (`all_waiting`). The selection is frozen now,
+        in the database; the operation's workflow (`tsq-bulk:<id>`) decides it in chunks, each
+        one transaction, at most `rate` decisions per second if given, and each command's
+        workflow ends with its outcome. Returns the operation as started: `bulk()` follows
+        it, `wait_bulk()` waits for its end, `stop_bulk()` stops it."""
+        kind = DecisionKind(kind)
+        domain = _domain(domain)
+        if not operator or not operator.strip():
+            raise InvalidInputError("a bulk decision names its operator: operator is blank")
+        fields: dict[str, Any] = {"operator": operator}
+        if kind is DecisionKind.CANCEL:
+            fields["reason"] = reason
+        elif kind is DecisionKind.COMPLETE:
+            fields["result_data"] = result_data
+        elif patch is not None:
+            fields["patch"] = patch
+        if force:
+            fields["force"] = True
+        try:
+            request = REQUEST_MODELS[kind].model_validate(fields)
+        except ValidationError as err:
+            raise _input_error(err) from None
+        if rate is not None and not rate > 0:
+            raise InvalidInputError(f"rate must be above 0 decisions per second, not {rate}")
+        filters = {
+            "command_type": command_type,
+            "error_code": error_code,
+            "since": since,
+            "until": until,
+        }
+        chosen = [name for name, value in filters.items() if value is not None]
+        if command_ids is not None and (chosen or all_waiting):
+            raise InvalidInputError("a bulk decision takes command ids or filters, not both")
+        if command_ids is None and not chosen and not all_waiting:
+            raise InvalidInputError(
+                "no command ids and no filter: pass all_waiting=True to decide every command in "
+                f"the troubleshooting queue of {domain}"
+            )
+        ids = None if command_ids is None else list(dict.fromkeys(map(_command_uuid, command_ids)))
+        selection = (
+            f"{len(ids)} command ids"
+            if ids is not None
+            else " ".join(f"{name}={filters[name]}" for name in chosen) or "all"
+        )
+        bulk_id = uuid4()
+        row = await store.create_bulk(
+            self.pool,
+            bulk_id=bulk_id,
+            domain=domain,
+            decision=kind.value,
+            operator=operator,
+            request=store.bulk_request(kind, bulk_id, request.model_dump(mode="json")),
+            selection=selection,
+            rate=rate,
+            filters=filters if ids is None else None,
+            command_ids=ids,
+        )
+        started = store.bulk_operation(row)
+        try:
+            await self.temporal.start_workflow(
+                BULK_WORKFLOW_TYPE,
+                BulkStart(
+                    bulk_id=bulk_id, domain=domain, decision=kind, total=started.total, rate=rate
+                ),
+                id=bulk_workflow_id(bulk_id),
+                task_queue=self.task_queue,
+                search_attributes=TypedSearchAttributes(
+                    [SearchAttributePair(COMMAND_DOMAIN, domain)]
+                ),
+                static_summary=f"bulk {kind.value} of {started.total} commands in {domain} "
+                f"by {operator} ({selection})",
+            )
+        except BaseException:
+            # Nothing was decided: the operation ends as stopped, for all to see.
+            await store.bulk_stop(self.pool, bulk_id, "tsq: its workflow could not be started")
+            await store.bulk_finish(self.pool, bulk_id)
+            raise
+        return started
+
+    async def bulk(self, bulk_id: str | UUID) -> BulkOperation:
+        """A bulk operation as it stands: its counts per result, what remains, its status."""
+        row = await store.bulk(self.pool, _bulk_uuid(bulk_id))
+        if row is None:
+            raise NotFoundError(f"no bulk operation {bulk_id}")
+        return store.bulk_operation(row)
+
+    async def bulk_operations(
+        self, domain: str | None = None, *, limit: int = 20
+    ) -> list[BulkOperation]:
+        """The latest bulk operations (of `domain`), newest first."""
+        rows = await store.bulks(self.pool, None if domain is None else _domain(domain), limit)
+        return [store.bulk_operation(row) for row in rows]
+
+    async def bulk_items(self, bulk_id: str | UUID) -> list[BulkItem]:
+        """Every command of a bulk operation, in the order they are decided, with its result."""
+        bid = _bulk_uuid(bulk_id)
+        await self.bulk(bid)
+        rows = await store.bulk_items(self.pool, bid)
+        return [BulkItem.model_validate(dict(row)) for row in rows]
+
+    async def wait_bulk(self, bulk_id: str | UUID) -> BulkOperation:
+        """Until the bulk operation has ended (finished or stopped); then as it ended."""
+        bid = _bulk_uuid(bulk_id)
+        await self.temporal.get_workflow_handle(bulk_workflow_id(bid)).result()
+        return await self.bulk(bid)
+
+    async def stop_bulk(self, bulk_id: str | UUID, *, operator: str) -> BulkOperation:
+        """Stop a bulk operation: once this returns no more of it is decided; what was
+        committed stays. Returns the operation once its workflow has ended."""
+        bid = _bulk_uuid(bulk_id)
+        if not operator or not operator.strip():
+            raise InvalidInputError("stopping a bulk operation names its operator")
+        if await store.bulk_stop(self.pool, bid, operator) is None:
+            raise NotFoundError(f"no bulk operation {bulk_id}")
+        handle = self.temporal.get_workflow_handle(bulk_workflow_id(bid))
+        try:
+            await handle.signal("stop", {"operator": operator})
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+        else:
+            await handle.result()
+        return await self.bulk(bid)
+
     # -- policies ---------------------------------------------------------------------------
 
     async def set_policy(
@@ -1132,6 +1289,13 @@ class TroubleshootingClient:
 
     async def _decidable(self, domain: str, cid: UUID) -> asyncpg.Record:
         row = await self._command(domain, cid)
+        if row["status"] != TSQ and (last := await store.last_decision(self.pool, domain, cid)):
+            # Decided by tsq (its workflow, a bulk operation): say who won.
+            bulk = f" in bulk operation {last['bulk_id']}" if last.get("bulk_id") else ""
+            raise AlreadyDecidedError(
+                f"command {cid} was already decided: {last['decision']} by "
+                f"{last.get('operator') or 'an unnamed operator'}{bulk}; it is {row['status']}"
+            )
         if row["status"] in TERMINAL_STATUSES:
             raise AlreadyDecidedError(
                 f"command {cid} in {domain} is {row['status']}: it was already decided"

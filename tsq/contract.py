@@ -14,6 +14,7 @@ from enum import StrEnum
 from uuid import UUID
 
 WORKFLOW_TYPE = "TroubleshootingWorkflow"
+BULK_WORKFLOW_TYPE = "TsqBulkOperation"
 DEFAULT_TASK_QUEUE = "troubleshooting"
 
 DOMAIN_PATTERN = r"^[A-Za-z0-9_]{1,40}$"
@@ -23,6 +24,11 @@ _WORKFLOW_ID = re.compile(r"^tsq:([A-Za-z0-9_]{1,40}):([0-9a-fA-F-]{36})$")
 def workflow_id(domain: str, command_id: UUID | str) -> str:
     """`tsq:<domain>:<command_id>`: deterministic, so starting a workflow twice is harmless."""
     return f"tsq:{domain}:{command_id}"
+
+
+def bulk_workflow_id(bulk_id: UUID | str) -> str:
+    """`tsq-bulk:<bulk_id>`: a bulk operation's workflow."""
+    return f"tsq-bulk:{bulk_id}"
 
 
 def parse_workflow_id(wid: str) -> tuple[str, UUID] | None:
@@ -208,6 +214,15 @@ class Activity(StrEnum):
     RECORD_REFUSALS = "tsq.record_refusals"
     OBSERVE = "tsq.observe"
     RECORD_EVENT = "tsq.record_event"
+    BULK_CHUNK = "tsq.bulk_chunk"
+    BULK_FINISH = "tsq.bulk_finish"
+
+
+# What each item of a bulk operation came to, in the order its summary lists them: carried
+# out, skipped (nothing to do: decided already, or gone), failed (refused: someone must look).
+BULK_CARRIED_OUT = ("carried_out",)
+BULK_SKIPPED = ("already_decided", "not_in_troubleshooting_queue", "not_found")
+BULK_FAILED = ("needs_approval", "claimed", "payload_not_found", "invalid", "error")
 
 
 class Metric(StrEnum):

@@ -42,7 +42,13 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
 
 
 # Applied in this order, each once, recorded in tsq.migration; never edited once released.
-MIGRATIONS = ("001_commandbus.sql", "002_tsq.sql", "003_parking.sql", "004_policies.sql")
+MIGRATIONS = (
+    "001_commandbus.sql",
+    "002_tsq.sql",
+    "003_parking.sql",
+    "004_policies.sql",
+    "005_bulk.sql",
+)
 
 _BOOTSTRAP = """
 CREATE SCHEMA IF NOT EXISTS tsq;

@@ -24,7 +24,15 @@ from pydantic import (
     ValidationError,
 )
 
-from tsq.contract import DOMAIN_PATTERN, AuditEventType, DecisionKind, TsqState
+from tsq.contract import (
+    BULK_CARRIED_OUT,
+    BULK_FAILED,
+    BULK_SKIPPED,
+    DOMAIN_PATTERN,
+    AuditEventType,
+    DecisionKind,
+    TsqState,
+)
 from tsq.durations import LONGEST, parse_duration
 from tsq.errors import InvalidInputError
 
@@ -527,6 +535,86 @@ class Observed(_Model):
     open: bool
     outcome: DecisionOutcome | None = None
     policy: Policy | None = None
+
+
+class BulkStart(_Model):
+    """Input of a bulk operation's workflow; its selection and request are in `tsq.bulk`."""
+
+    bulk_id: UUID
+    domain: Domain
+    decision: DecisionKind
+    total: int
+    rate: float | None = Field(default=None, gt=0, description="Decisions per second at most")
+
+
+class BulkChunk(_Model):
+    """Input of the activity that decides the next items of a bulk operation."""
+
+    bulk_id: UUID
+    limit: int = Field(ge=1)
+
+
+class BulkProgress(_Model):
+    """What a chunk did, and where the operation stands."""
+
+    done: int
+    remaining: int
+    stopped: bool
+    counts: dict[str, int]
+
+
+class BulkFinish(_Model):
+    """Input of the activity that ends a bulk operation; `stopped_by` when a stop came as a
+    signal (from the Web UI, say) rather than from `tsq bulk stop`."""
+
+    bulk_id: UUID
+    stopped_by: str | None = None
+
+
+class BulkOperation(_Model):
+    """A bulk operation as `tsq.bulk` has it."""
+
+    bulk_id: UUID
+    domain: str
+    decision: DecisionKind
+    operator: str
+    selection: str
+    total: int
+    rate: float | None
+    counts: dict[str, int]
+    status: Literal["running", "stopped", "finished"]
+    created_at: datetime
+    stop_requested_by: str | None
+    stop_requested_at: datetime | None
+    last_effect_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def carried_out(self) -> int:
+        return sum(self.counts.get(r, 0) for r in BULK_CARRIED_OUT)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.get(r, 0) for r in BULK_SKIPPED)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.counts.get(r, 0) for r in BULK_FAILED)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - sum(self.counts.values())
+
+
+class BulkItem(_Model):
+    """One command of a bulk operation; `result` None while it is not decided."""
+
+    seq: int
+    command_id: UUID
+    parking_id: int | None
+    result: str | None
+    detail: str | None
+    decided_at: datetime | None
 
 
 class StateView(_Model):

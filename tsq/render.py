@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from tsq.durations import format_duration
 
 if TYPE_CHECKING:
-    from tsq.models import StateView
+    from tsq.models import BulkOperation, StateView
     from tsq.views import (
         AuditEvent,
         CommandDetails,
@@ -266,3 +266,55 @@ def preview(p: DecisionPreview) -> str:
         closes = "; the batch would complete" if batch.closes else ""
         lines.append(_field("batch", f"{batch.batch_id}: {changed or 'no change'}{closes}"))
     return "\n".join(lines)
+
+
+# What each item of a bulk operation came to, as its summary names it.
+BULK_LABELS = {
+    "carried_out": "carried out",
+    "already_decided": "skipped: already decided",
+    "not_in_troubleshooting_queue": "skipped: not in troubleshooting queue",
+    "not_found": "skipped: not found",
+    "needs_approval": "refused: needs another operator's approval",
+    "claimed": "refused: claimed by another operator",
+    "payload_not_found": "refused: original message not found",
+    "invalid": "refused: invalid",
+    "error": "failed",
+}
+
+
+def bulk_operation(op: BulkOperation) -> str:
+    """A bulk operation: what it decides, where it stands, its counts per result."""
+    rate = f"at most {op.rate:g}/s" if op.rate is not None else "as fast as the database goes"
+    lines = [
+        f"bulk operation {op.bulk_id}: {op.decision.value} in {op.domain}, {op.status}",
+        f"  {op.total} commands ({op.selection}), by {op.operator} at {when(op.created_at)}, "
+        + rate,
+        f"  {op.carried_out} carried out, {op.skipped} skipped, {op.failed} failed, "
+        f"{op.remaining} remaining",
+    ]
+    lines += [
+        f"    {label:<44} {op.counts[result]:>7}"
+        for result, label in BULK_LABELS.items()
+        if op.counts.get(result)
+    ]
+    if op.stop_requested_at is not None:
+        lines.append(
+            f"  stopped by {op.stop_requested_by} at {when(op.stop_requested_at)}: "
+            f"{op.remaining} left untouched"
+        )
+    if op.finished_at is not None:
+        lines.append(f"  ended at {when(op.finished_at)}")
+    return "\n".join(lines)
+
+
+def bulk_table(ops: Sequence[BulkOperation]) -> str:
+    return _table(
+        ["BULK_ID", "DOMAIN", "DECISION", "STATUS", "TOTAL", "DONE", "SKIPPED", "FAILED", "LEFT",
+         "BY", "STARTED"],
+        [
+            [str(op.bulk_id), op.domain, op.decision.value, op.status, str(op.total),
+             str(op.carried_out), str(op.skipped), str(op.failed), str(op.remaining),
+             clip(op.operator, 30), when(op.created_at)]
+            for op in ops
+        ],
+    )  # fmt: skip

@@ -13,8 +13,10 @@ from uuid import UUID
 
 import asyncpg
 
-from tsq.contract import DECISIONS, AuditEventType, CommandStatus
+from tsq.contract import DECISIONS, AuditEventType, CommandStatus, DecisionKind
+from tsq.errors import InvalidInputError
 from tsq.models import (
+    BulkOperation,
     CarryOut,
     DecisionOutcome,
     Observe,
@@ -49,6 +51,25 @@ def decision_input(req: CarryOut, **extra: Any) -> dict[str, Any]:
         "past": decision.past,
         "lock_timeout": LOCK_TIMEOUT,
         **extra,
+    }
+
+
+def bulk_request(kind: DecisionKind, bulk_id: UUID, fields: dict[str, Any]) -> dict[str, Any]:
+    """`tsq.decide`'s input for every item of a bulk operation, but the command's own keys."""
+    decision = DECISIONS[kind]
+    return {
+        **fields,
+        "decision": kind.value,
+        "status_after": decision.status_after.value,
+        "audit_event": decision.audit_event.value,
+        "reply_outcome": decision.reply_outcome,
+        "batch_update": decision.batch_update,
+        "past": decision.past,
+        "lock_timeout": LOCK_TIMEOUT,
+        "via": "bulk",
+        "request_id": str(bulk_id),
+        "bulk_id": str(bulk_id),
+        "decided_by": f"bulk:{bulk_id}",
     }
 
 
@@ -439,6 +460,22 @@ async def command(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record |
     return row
 
 
+async def last_decision(conn: Conn, domain: str, command_id: UUID) -> dict[str, Any] | None:
+    """The decision tsq recorded for the command's latest parking, if it was carried out."""
+    result: dict[str, Any] | None = await conn.fetchval(
+        """
+        SELECT e.result FROM tsq.parking p
+        JOIN tsq.effect e ON e.effect_key = format('tsq:%s:%s/parking/%s/decision',
+            p.domain, p.command_id, p.parking_id)
+        WHERE p.domain = $1 AND p.command_id = $2 AND (e.result->>'carried_out')::boolean
+        ORDER BY p.parking_id DESC LIMIT 1
+        """,
+        domain,
+        command_id,
+    )
+    return result
+
+
 async def command_with_payload(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         """
@@ -519,6 +556,193 @@ async def waiting_ids(
         until,
     )
     return [row["command_id"] for row in rows]
+
+
+# -- bulk operations ------------------------------------------------------------------------
+
+
+async def create_bulk(
+    pool: asyncpg.Pool,
+    *,
+    bulk_id: UUID,
+    domain: str,
+    decision: str,
+    operator: str,
+    request: dict[str, Any],
+    selection: str,
+    rate: float | None,
+    filters: dict[str, Any] | None,
+    command_ids: Sequence[UUID] | None,
+) -> asyncpg.Record:
+    """A bulk operation and its frozen selection, in one transaction: the commands `filters`
+    select (oldest parked first), or `command_ids` in their order, those not in the queue
+    already counted as skipped. An empty selection, or ids that are commands of other domains,
+    raise InvalidInputError, and nothing is written."""
+    async with pool.acquire() as c, c.transaction():
+        await c.execute(
+            """
+            INSERT INTO tsq.bulk (bulk_id, domain, decision, operator, request, selection,
+                total, rate)
+            VALUES ($1, $2, $3, $4, $5, $6, 0, $7)
+            """,
+            bulk_id,
+            domain,
+            decision,
+            operator,
+            request,
+            selection,
+            rate,
+        )
+        if command_ids is None:
+            assert filters is not None
+            await c.execute(
+                f"""
+                INSERT INTO tsq.bulk_item (bulk_id, seq, command_id, parking_id)
+                SELECT $7, row_number() OVER (ORDER BY c.updated_at, c.command_id),
+                    c.command_id, p.parking_id
+                FROM commandbus.command c
+                JOIN tsq.parking p
+                    ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+                WHERE {_WAITING}
+                """,
+                domain,
+                TSQ,
+                filters.get("command_type"),
+                filters.get("error_code"),
+                filters.get("since"),
+                filters.get("until"),
+                bulk_id,
+            )
+        else:
+            foreign = await c.fetch(
+                """
+                SELECT i.command_id, min(c.domain) AS domain
+                FROM unnest($1::uuid[]) AS i(command_id)
+                JOIN commandbus.command c ON c.command_id = i.command_id AND c.domain <> $2
+                WHERE NOT EXISTS (SELECT 1 FROM commandbus.command o
+                                  WHERE o.domain = $2 AND o.command_id = i.command_id)
+                GROUP BY i.command_id
+                """,
+                list(command_ids),
+                domain,
+            )
+            if foreign:
+                named = ", ".join(f"{r['command_id']} (domain {r['domain']})" for r in foreign[:5])
+                more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+                raise InvalidInputError(
+                    f"{len(foreign)} of the ids are commands of another domain, not of {domain}: "
+                    f"{named}{more}; a bulk operation decides in one domain; nothing was started"
+                )
+            await c.execute(
+                """
+                INSERT INTO tsq.bulk_item (bulk_id, seq, command_id, parking_id, result, detail,
+                    decided_at)
+                SELECT $1, i.seq, i.command_id, p.parking_id, v.result,
+                    CASE v.result
+                        WHEN 'not_found' THEN format('command %s not found in domain %s',
+                            i.command_id, $3::text)
+                        WHEN 'not_in_troubleshooting_queue' THEN format('command %s is %s, not '
+                            'in the troubleshooting queue; nothing was changed', i.command_id,
+                            c.status) END,
+                    CASE WHEN v.result IS NOT NULL THEN clock_timestamp() END
+                FROM unnest($2::uuid[]) WITH ORDINALITY AS i(command_id, seq)
+                LEFT JOIN commandbus.command c ON c.domain = $3 AND c.command_id = i.command_id
+                LEFT JOIN tsq.parking p
+                    ON p.domain = $3 AND p.command_id = i.command_id AND p.left_at IS NULL
+                CROSS JOIN LATERAL (SELECT CASE
+                    WHEN c.command_id IS NULL THEN 'not_found'
+                    WHEN c.status <> $4 OR p.parking_id IS NULL
+                        THEN 'not_in_troubleshooting_queue' END AS result) v
+                """,
+                bulk_id,
+                list(command_ids),
+                domain,
+                TSQ,
+            )
+        row = await c.fetchrow(
+            """
+            UPDATE tsq.bulk SET
+                total = (SELECT count(*) FROM tsq.bulk_item WHERE bulk_id = $1),
+                counts = (SELECT coalesce(jsonb_object_agg(result, n), '{}') FROM (
+                    SELECT result, count(*) AS n FROM tsq.bulk_item
+                    WHERE bulk_id = $1 AND result IS NOT NULL GROUP BY result) r)
+            WHERE bulk_id = $1
+            RETURNING *
+            """,
+            bulk_id,
+        )
+        assert row is not None
+        if row["total"] == 0:
+            raise InvalidInputError(
+                f"no command in the troubleshooting queue of {domain} matches "
+                f"({selection}); nothing was started"
+            )
+    return row
+
+
+def bulk_operation(row: asyncpg.Record) -> BulkOperation:
+    """The operation a `tsq.bulk` row holds (its request stays in the database)."""
+    return BulkOperation.model_validate({k: v for k, v in row.items() if k != "request"})
+
+
+async def bulk_chunk(conn: Conn, bulk_id: UUID, limit: int) -> dict[str, Any]:
+    """Decide the next `limit` items, in one transaction (see `tsq.bulk_chunk`)."""
+    result: dict[str, Any] = await conn.fetchval("SELECT tsq.bulk_chunk($1, $2)", bulk_id, limit)
+    return result
+
+
+async def bulk_fail_next(conn: Conn, bulk_id: UUID, problem: str) -> dict[str, Any]:
+    """The next item fails with `problem` (see `tsq.bulk_fail_next`)."""
+    result: dict[str, Any] = await conn.fetchval(
+        "SELECT tsq.bulk_fail_next($1, $2)", bulk_id, problem
+    )
+    return result
+
+
+async def bulk_stop(conn: Conn, bulk_id: UUID, operator: str) -> asyncpg.Record | None:
+    """No chunk decides anything once this returns; None if there is no such operation."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM tsq.bulk_stop($1, $2) WHERE bulk_id IS NOT NULL", bulk_id, operator
+    )
+    return row
+
+
+async def bulk_finish(conn: Conn, bulk_id: UUID) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM tsq.bulk_finish($1) WHERE bulk_id IS NOT NULL", bulk_id
+    )
+    return row
+
+
+async def bulk(conn: Conn, bulk_id: UUID) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM tsq.bulk WHERE bulk_id = $1", bulk_id
+    )
+    return row
+
+
+async def bulks(conn: Conn, domain: str | None, limit: int) -> list[asyncpg.Record]:
+    """The latest bulk operations, newest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT * FROM tsq.bulk WHERE $1::text IS NULL OR domain = $1
+        ORDER BY created_at DESC LIMIT $2
+        """,
+        domain,
+        limit,
+    )
+    return rows
+
+
+async def bulk_items(conn: Conn, bulk_id: UUID) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT seq, command_id, parking_id, result, detail, decided_at FROM tsq.bulk_item
+        WHERE bulk_id = $1 ORDER BY seq
+        """,
+        bulk_id,
+    )
+    return rows
 
 
 async def audit_trail(conn: Conn, domain: str, command_id: UUID) -> list[asyncpg.Record]:

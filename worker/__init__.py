@@ -1,4 +1,5 @@
-"""The tsq worker: runs `TroubleshootingWorkflow` and its activities on one task queue."""
+"""The tsq worker: runs `TroubleshootingWorkflow`, `TsqBulkOperation` and their activities on
+one task queue."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tsq.notify import Notifier, NotifyConfig
 from tsq.settings import Settings, redact_url
 from tsq.temporal import connect, register_search_attributes
 from tsq.watch import Watcher, sweep_interval
+from tsq.workflows.bulk import BulkOperationWorkflow
 from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,15 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[TroubleshootingWorkflow],
+        workflows=[TroubleshootingWorkflow, BulkOperationWorkflow],
         activities=[
             acts.carry_out,
             acts.record_refusal,
             acts.record_refusals,
             acts.record_event,
             acts.observe,
+            acts.bulk_chunk,
+            acts.bulk_finish,
         ],
         # The sandbox would re-import the workflow module for every workflow it loads: a third
         # of the worker's CPU, and memory, with thousands waiting. The module holds only

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,19 +13,16 @@ import asyncpg
 import pytest
 
 from tests.helpers import (
-    TSQ,
-    assert_eventually,
     audit_rows,
     new_domain,
     replies_for,
     run_tsq,
     seed_command,
+    seed_many,
     status_of,
-    tsq_env,
 )
 from tsq import TroubleshootingClient
 from tsq.settings import Settings
-from tsq.store import ensure_queue
 from tsq.views import AuditEvent, CommandDetails, TroubleshootingItem
 
 _tsq = run_tsq
@@ -52,44 +48,6 @@ async def _set_parked(
         at,
         code,
     )
-
-
-async def _seed_many(pool: asyncpg.Pool, domain: str, count: int) -> list[uuid.UUID]:
-    """`count` troubleshooting commands in one transaction, each as `seed_command` leaves one."""
-    queue, replies = f"{domain}__commands", f"{domain}__replies"
-    commands = [(uuid.uuid4(), uuid.uuid4()) for _ in range(count)]
-    async with pool.acquire() as conn, conn.transaction():
-        await ensure_queue(conn, queue)
-        msg_ids = [
-            await conn.fetchval(
-                "SELECT * FROM pgmq.send($1::text, $2::jsonb)",
-                queue,
-                {
-                    "domain": domain,
-                    "command_type": "DebitAccount",
-                    "command_id": str(command_id),
-                    "correlation_id": str(correlation_id),
-                    "data": {"account": "ACC-1", "amount": 100},
-                    "reply_to": replies,
-                },
-            )
-            for command_id, correlation_id in commands
-        ]
-        await conn.execute("SELECT pgmq.archive($1::text, $2::bigint[])", queue, msg_ids)
-        await conn.executemany(
-            """
-            INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,
-                status, attempts, max_attempts, last_error_type, last_error_code, last_error_msg,
-                reply_queue, correlation_id)
-            VALUES ($1, $2, $3, $4, 'DebitAccount', 'IN_TROUBLESHOOTING_QUEUE', 3, 3,
-                'PERMANENT', 'ACCOUNT_CLOSED', 'account ACC-1 is closed', $5, $6)
-            """,
-            [
-                (domain, queue, msg_id, command_id, replies, correlation_id)
-                for msg_id, (command_id, correlation_id) in zip(msg_ids, commands, strict=True)
-            ],
-        )
-    return [command_id for command_id, _ in commands]
 
 
 async def test_retry_resends_the_archived_message_and_sets_pending(
@@ -267,39 +225,6 @@ async def test_bulk_cancel_by_error_code_cancels_exactly_the_matches(
         assert await audit_rows(pool, domain, command_id) == []
 
 
-async def test_bulk_from_stdin_reports_each_bad_line(
-    settings: Settings, worker: object, pool: asyncpg.Pool
-) -> None:
-    """`--stdin` decides the good ids; a bad line, an unknown id and a decided one are reported."""
-    domain = new_domain()
-    first, second = await seed_command(pool, domain), await seed_command(pool, domain)
-    decided = await seed_command(pool, domain, status="CANCELED")
-    unknown = uuid.uuid4()
-    lines = [str(first), "", "not-a-uuid", f"  {second}  ", str(unknown), str(decided), ""]
-
-    done = await _tsq(
-        settings,
-        *("cancel", domain, "--stdin", "--reason", "bulk", "--yes", "--json"),
-        stdin="\n".join(lines),
-    )
-
-    assert done.returncode == 1, done.stderr
-    results = {r["command_id"]: r for r in json.loads(done.stdout)}
-    assert {cid: r["result"] for cid, r in results.items()} == {
-        str(first): "carried_out",
-        str(second): "carried_out",
-        "not-a-uuid": "invalid",
-        str(unknown): "not_found",
-        str(decided): "already_decided",
-    }
-    assert "line 3" in results["not-a-uuid"]["detail"]
-    assert done.stderr.strip().splitlines()[-1] == (
-        "tsq cancel: 3 of 5 commands not carried out (see the summary)"
-    )
-    assert await status_of(pool, domain, first) == "CANCELED"
-    assert await status_of(pool, domain, second) == "CANCELED"
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -334,7 +259,7 @@ async def test_bulk_cancel_of_500_commands(
 ) -> None:
     """A bulk cancel of 500 commands ends with 500 CANCELED, 500 replies and 500 audit rows."""
     domain = new_domain()
-    seeded = await _seed_many(pool, domain, 500)
+    seeded = await seed_many(pool, domain, 500)
 
     done = await _tsq(
         settings,
@@ -367,51 +292,13 @@ async def test_bulk_cancel_of_500_commands(
     assert {r["message"]["outcome"] for r in replies} == {"CANCELED"}
 
 
-async def _canceled(pool: asyncpg.Pool, domain: str) -> int:
-    count: int = await pool.fetchval(
-        "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND status = 'CANCELED'", domain
-    )
-    return count
-
-
-async def test_ctrl_c_stops_a_bulk_decision_and_prints_what_was_done(
-    settings: Settings, pool: asyncpg.Pool, tsq: TroubleshootingClient
-) -> None:
-    """Ctrl-C during `cancel --all`: no decision starts after it, those in flight finish, the
-    summary says what was done and what was not, and the exit code is 130."""
-    domain = new_domain()
-    await _seed_many(pool, domain, 600)
-    process = await asyncio.create_subprocess_exec(
-        TSQ, "cancel", domain, "--all", "--yes", "--rate", "50", "--reason", "incident",
-        env=tsq_env(settings),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        await assert_eventually(lambda: _canceled(pool, domain), lambda n: n >= 40, within=60)
-        process.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-    assert process.returncode == 130, err.decode()
-    summary = out.decode()
-    assert "interrupted" in summary and "not started (interrupted)" in summary
-    done = await _canceled(pool, domain)
-    assert 40 <= done < 600
-    await asyncio.sleep(2)  # nothing goes on deciding once the command has exited
-    assert await _canceled(pool, domain) == done
-    assert f"carried out {done:>6}".replace(" ", "") in summary.replace(" ", "")
-
-
 async def test_selection_of_all_misses_none_while_others_decide(
     pool: asyncpg.Pool, tsq: TroubleshootingClient
 ) -> None:
     """The ids of `--all` come from one snapshot: commands decided by others meanwhile cannot
     shift a page and hide commands that are still waiting."""
     domain = new_domain()
-    ids = await _seed_many(pool, domain, 2500)
+    ids = await seed_many(pool, domain, 2500)
     newest = ids[-600:]
 
     async def others_decide() -> None:
