@@ -9,8 +9,10 @@ the reply happen once per parking.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from temporalio import activity
@@ -25,10 +27,10 @@ from tsq.errors import (
     PayloadNotFoundError,
 )
 from tsq.models import (
-    BulkChunk,
     BulkFinish,
     BulkOperation,
     BulkProgress,
+    BulkRun,
     CarryOut,
     DecisionOutcome,
     Observe,
@@ -52,6 +54,11 @@ _REFUSALS: dict[str, type[Exception]] = {
     "TQ004": ApprovalRequiredError,
 }
 _PERMANENT_CLASSES = ("22", "54")
+
+# Items per chunk of a bulk operation: large enough that a commit per chunk costs little, small
+# enough that a chunk holds its rows locked for a fraction of a second.
+BULK_CHUNK = 200
+BULK_HELD_BACK_S = 1.0
 
 
 def permanent(err: asyncpg.PostgresError) -> ApplicationError | None:
@@ -130,27 +137,57 @@ class TroubleshootingActivities:
         """The workflow's parking as the database has it now (see `Observed`)."""
         return await store.observe(self._pool, req)
 
-    @activity.defn(name=Activity.BULK_CHUNK)
-    async def bulk_chunk(self, req: BulkChunk) -> BulkProgress:
-        """Decide the next items of a bulk operation, in one transaction; run again, it finds
-        what it committed and goes on from there."""
+    @activity.defn(name=Activity.BULK_RUN)
+    async def bulk_run(self, req: BulkRun) -> BulkProgress:
+        """Decide a bulk operation's items chunk after chunk, each chunk one transaction, at
+        most `rate` a second, until none is left or a stop is asked for. It heartbeats its
+        progress after each chunk; run again (after a crash), it goes on from what was
+        committed: the database holds it all."""
+        limit = BULK_CHUNK if req.rate is None else max(1, min(BULK_CHUNK, int(req.rate)))
+        while True:
+            progress = await self._bulk_chunk(req.bulk_id, limit)
+            activity.heartbeat(progress.model_dump(mode="json"))
+            if progress.stopped or progress.remaining == 0:
+                return progress
+            if req.rate is not None:
+                await asyncio.sleep(progress.done / req.rate)
+            elif progress.done == 0:
+                # Every item left is held by another transaction (the bus, a decision of
+                # the command's own workflow): look again in a moment.
+                await asyncio.sleep(BULK_HELD_BACK_S)
+
+    async def _bulk_chunk(self, bulk_id: UUID, limit: int) -> BulkProgress:
         try:
-            return BulkProgress.model_validate(
-                await store.bulk_chunk(self._pool, req.bulk_id, req.limit)
-            )
+            return BulkProgress.model_validate(await store.bulk_chunk(self._pool, bulk_id, limit))
         except asyncpg.PostgresError as err:
             if permanent(err) is None:
                 raise
-            log.warning("bulk operation %s: a chunk was refused (%s)", req.bulk_id, err)
+            log.warning("bulk operation %s: a chunk was refused (%s)", bulk_id, err)
         # One command the database refuses must not hold up the others: alone, it fails.
         try:
-            return BulkProgress.model_validate(await store.bulk_chunk(self._pool, req.bulk_id, 1))
+            return BulkProgress.model_validate(await store.bulk_chunk(self._pool, bulk_id, 1))
         except asyncpg.PostgresError as err:
             if permanent(err) is None:
                 raise
             return BulkProgress.model_validate(
-                await store.bulk_fail_next(self._pool, req.bulk_id, f"refused: {one_line(err)}")
+                await store.bulk_fail_next(self._pool, bulk_id, f"refused: {one_line(err)}")
             )
+
+    @activity.defn(name=Activity.BULK_PROGRESS)
+    async def bulk_progress(self, bulk_id: UUID) -> BulkProgress:
+        """Where a bulk operation stands, for its workflow's details."""
+        row = await store.bulk(self._pool, bulk_id)
+        if row is None:
+            raise ApplicationError(
+                f"no bulk operation {bulk_id}", type=InvalidInputError.__name__, non_retryable=True
+            )
+        op = store.bulk_operation(row)
+        return BulkProgress(
+            done=0,
+            remaining=op.remaining,
+            stopped=op.stop_requested_at is not None,
+            counts=op.counts,
+        )
 
     @activity.defn(name=Activity.BULK_FINISH)
     async def bulk_finish(self, req: BulkFinish) -> BulkOperation:

@@ -798,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=500,
         help="commands the bus parks in one burst, for discovery and drift lag (0: skip)",
     )
+    p.add_argument(
+        "--bulk",
+        type=int,
+        default=0,
+        help="also decide this many waiting commands in one bulk operation (0: skip)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.set_defaults(run=_bench)
     return parser

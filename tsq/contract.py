@@ -214,7 +214,8 @@ class Activity(StrEnum):
     RECORD_REFUSALS = "tsq.record_refusals"
     OBSERVE = "tsq.observe"
     RECORD_EVENT = "tsq.record_event"
-    BULK_CHUNK = "tsq.bulk_chunk"
+    BULK_RUN = "tsq.bulk_run"
+    BULK_PROGRESS = "tsq.bulk_progress"
     BULK_FINISH = "tsq.bulk_finish"
 
 

@@ -547,11 +547,11 @@ class BulkStart(_Model):
     rate: float | None = Field(default=None, gt=0, description="Decisions per second at most")
 
 
-class BulkChunk(_Model):
-    """Input of the activity that decides the next items of a bulk operation."""
+class BulkRun(_Model):
+    """Input of the activity that decides a bulk operation's items, chunk after chunk."""
 
     bulk_id: UUID
-    limit: int = Field(ge=1)
+    rate: float | None = Field(default=None, gt=0)
 
 
 class BulkProgress(_Model):

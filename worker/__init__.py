@@ -41,7 +41,8 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
             acts.record_refusals,
             acts.record_event,
             acts.observe,
-            acts.bulk_chunk,
+            acts.bulk_run,
+            acts.bulk_progress,
             acts.bulk_finish,
         ],
         # The sandbox would re-import the workflow module for every workflow it loads: a third

@@ -1,21 +1,25 @@
 """`TsqBulkOperation`: one decision for many commands, carried out in chunks.
 
 The selection and the request are in PostgreSQL (`tsq.bulk`, `tsq.bulk_item`), so the input
-and the history stay small whatever the number of commands: a chunk is one activity, a
-hundred commands or more in one transaction. Each command's own workflow is told by the
-watcher once its chunk has committed, and ends with the outcome recorded for it.
+and the history stay small whatever the number of commands. One activity decides the items
+chunk after chunk, each chunk one transaction, and heartbeats its progress: the effects go at
+the database's pace, not at the pace of the workflow tasks of the commands' own workflows,
+which share the task queue and are told, by the watcher, as each chunk commits. Meanwhile the
+workflow's details show the counts, read every few seconds.
 
 `stop` (a signal, or `tsq bulk stop`): no chunk starts after it; what was committed stays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from tsq.contract import (
@@ -25,15 +29,15 @@ with workflow.unsafe.imports_passed_through():
         BULK_WORKFLOW_TYPE,
         Activity,
     )
-    from tsq.models import BulkChunk, BulkFinish, BulkOperation, BulkProgress, BulkStart
+    from tsq.models import BulkFinish, BulkOperation, BulkProgress, BulkRun, BulkStart
 
-# Items per chunk: large enough that a commit per chunk costs little, small enough that a
-# chunk holds its rows locked for a fraction of a second.
-CHUNK = 200
-# Every item left is held by another transaction (the bus, a decision of its own workflow):
-# look again after this long.
-HELD_BACK = timedelta(seconds=1)
-CHUNK_TIMEOUT = timedelta(minutes=2)
+# A worker that dies mid-run is noticed this soon; the run goes on elsewhere.
+HEARTBEAT_TIMEOUT = timedelta(seconds=20)
+# Long enough for 100,000 commands at a rate of one a second.
+RUN_TIMEOUT = timedelta(days=30)
+SHORT_TIMEOUT = timedelta(seconds=30)
+# The details are refreshed this often while the run goes on.
+PROGRESS_EVERY = timedelta(seconds=5)
 RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
     backoff_coefficient=2.0,
@@ -51,37 +55,43 @@ class BulkOperationWorkflow:
 
     @workflow.run
     async def run(self, start: BulkStart) -> BulkOperation:
-        limit = CHUNK if start.rate is None else max(1, min(CHUNK, int(start.rate)))
         self._render(start)
-        while not self._stop:
-            progress: BulkProgress = await workflow.execute_activity(
-                Activity.BULK_CHUNK,
-                BulkChunk(bulk_id=start.bulk_id, limit=limit),
-                start_to_close_timeout=CHUNK_TIMEOUT,
+        running = asyncio.ensure_future(
+            workflow.execute_activity(
+                Activity.BULK_RUN,
+                BulkRun(bulk_id=start.bulk_id, rate=start.rate),
+                start_to_close_timeout=RUN_TIMEOUT,
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                retry_policy=RETRY,
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                result_type=BulkProgress,
+            )
+        )
+        while not running.done():
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: running.done() or self._stop, timeout=PROGRESS_EVERY
+                )
+            if running.done():
+                break
+            if self._stop:
+                running.cancel()
+                break
+            self._progress = await workflow.execute_local_activity(
+                Activity.BULK_PROGRESS,
+                start.bulk_id,
+                start_to_close_timeout=SHORT_TIMEOUT,
                 retry_policy=RETRY,
                 result_type=BulkProgress,
             )
-            self._progress = progress
             self._render(start)
-            if progress.stopped or progress.remaining == 0:
-                break
-            pause = (
-                timedelta(seconds=progress.done / start.rate)
-                if start.rate is not None
-                else HELD_BACK
-                if progress.done == 0
-                else None
-            )
-            if pause:
-                with contextlib.suppress(TimeoutError):
-                    await workflow.wait_condition(lambda: self._stop, timeout=pause)
-            if not self._stop and workflow.info().is_continue_as_new_suggested():
-                workflow.continue_as_new(start)
+        with contextlib.suppress(ActivityError, asyncio.CancelledError):
+            self._progress = await running
         left = self._progress.remaining if self._progress else start.total
         result: BulkOperation = await workflow.execute_activity(
             Activity.BULK_FINISH,
             BulkFinish(bulk_id=start.bulk_id, stopped_by=self._stopped_by if left else None),
-            start_to_close_timeout=CHUNK_TIMEOUT,
+            start_to_close_timeout=SHORT_TIMEOUT,
             retry_policy=RETRY,
             result_type=BulkOperation,
         )

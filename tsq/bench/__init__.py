@@ -2,11 +2,11 @@
 allow, in one run on the same servers.
 
 Phases (one module each): tsq against a bare workflow and direct SQL (`decisions`), living
-beside the bus (`discovery`: discovery and drift lag, the trigger's cost), and thousands
-waiting (`waiting`). After each, rows are counted to check that every decision happened
-exactly once. The run has a database of its own, on the configured PostgreSQL server or an
-embedded one, dropped at the end; Temporal is the configured server or a dev server started
-for the run.
+beside the bus (`discovery`: discovery and drift lag, the trigger's cost), an incident-scale
+bulk decision (`bulk`), and thousands waiting (`waiting`). After each, rows are counted to
+check that every decision happened exactly once. The run has a database of its own, on the
+configured PostgreSQL server or an embedded one, dropped at the end; Temporal is the
+configured server or a dev server started for the run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import psutil  # type: ignore[import-untyped]
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from tsq.bench.bulk import bulk_decision
 from tsq.bench.context import Bench, BenchConfig
 from tsq.bench.decisions import compare_with_bare, direct_sql
 from tsq.bench.discovery import discovery_and_drift, trigger_cost
@@ -85,6 +86,8 @@ async def run_bench(
                 if config.discovery:
                     await discovery_and_drift(bench)
                     await trigger_cost(bench)
+                if config.bulk:
+                    await bulk_decision(bench)
                 leftovers = await waiting_at_scale(bench) if config.waiting else []
                 await _end_waiting(bench, leftovers)
             return summarise(bench, stack or "configured services")
@@ -124,10 +127,15 @@ async def main(args: argparse.Namespace, settings: Settings) -> None:
         concurrency=args.concurrency,
         waiting=args.waiting,
         discovery=args.discovery,
+        bulk=args.bulk,
     )
-    if config.commands < 1 or config.concurrency < 1 or config.waiting < 0 or config.discovery < 0:
+    if (
+        config.commands < 1
+        or config.concurrency < 1
+        or min(config.waiting, config.discovery, config.bulk) < 0
+    ):
         raise InvalidInputError(
-            "--commands and --concurrency must be >= 1, --waiting and --discovery >= 0"
+            "--commands and --concurrency must be >= 1, --waiting, --discovery and --bulk >= 0"
         )
     parts = []
     temporal_pid = None

@@ -27,12 +27,13 @@ OPERATOR = "tsq-bench"
 @dataclass(frozen=True)
 class BenchConfig:
     """What to measure: `waiting=0` skips the waiting-at-scale phase, `discovery=0` the
-    discovery and drift phase."""
+    discovery and drift phase, `bulk=0` the bulk decision."""
 
     commands: int = 500
     concurrency: int = 50
     waiting: int = 0
     discovery: int = 500
+    bulk: int = 0
     probes: int = 30
     idle_seconds: float = 10.0
 
@@ -91,12 +92,13 @@ class Bench:
         """
         handle = self.temporal.get_workflow_handle(wid)
         deadline = time.monotonic() + within
-        while (await handle.describe()).history_length < 4 or await self._backlog(task_queue):
+        while (await handle.describe()).history_length < 4 or await self.backlog(task_queue):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the worker did not catch up on {task_queue} in {within:.0f}s")
             await asyncio.sleep(0.2)
 
-    async def _backlog(self, task_queue: str) -> int:
+    async def backlog(self, task_queue: str) -> int:
+        """Workflow tasks waiting on `task_queue` (0 where the server does not say)."""
         try:
             described = await self.temporal.workflow_service.describe_task_queue(
                 DescribeTaskQueueRequest(

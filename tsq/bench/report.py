@@ -64,6 +64,15 @@ def summarise(bench: Bench, stack: str) -> dict[str, Any]:
         targets["discovery_p99_le_2s"] = r["discovery_p99_s"] <= 2.0
         targets["drift_p99_le_5s"] = r["drift_p99_s"] <= 5.0
         targets["trigger_le_1.2x_update"] = (ratios["trigger_park_update"] or math.inf) <= 1.2
+    if config.bulk:
+        # What the same server needs, flat out, to decide that many bare workflows.
+        r["bulk_ceiling_s"] = r["bulk_commands"] / bare_decisions
+        ratios["bulk_vs_direct_sql"] = _ratio(r["bulk_effects_per_s"], r["direct_sql_per_s"])
+        ratios["bulk_all_closed_vs_ceiling"] = _ratio(r["bulk_all_closed_s"], r["bulk_ceiling_s"])
+        targets["bulk_effects_ge_0.5_direct_sql"] = (ratios["bulk_vs_direct_sql"] or 0) >= 0.5
+        targets["bulk_all_closed_le_1.2_ceiling"] = (
+            ratios["bulk_all_closed_vs_ceiling"] or math.inf
+        ) <= 1.2
     if config.waiting:
         targets["rss_le_250mb"] = (r.get("worker_rss_mb") or math.inf) <= 250
         growth = r.get("single_decision_growth")
@@ -75,6 +84,7 @@ def summarise(bench: Bench, stack: str) -> dict[str, Any]:
                 "concurrency": config.concurrency,
                 "waiting": config.waiting,
                 "discovery": config.discovery,
+                "bulk": config.bulk,
                 "probes": config.probes,
             },
             "stack": stack,
@@ -160,6 +170,15 @@ def format_table(result: dict[str, Any]) -> str:
             f"x{_num(r['trigger_park_update'], 2)} ({_num(result['bus_park_update_ms'], 2)} → "
             f"{_num(result['bus_park_update_with_trigger_ms'], 2)} ms), other UPDATEs "
             f"x{_num(r['trigger_other_update'], 2)}"
+        )
+    if c.get("bulk"):
+        lines.append(
+            f"bulk cancel of {c['bulk']}: effects committed in "
+            f"{_num(result['bulk_effects_s'], 2)} s ({_num(result['bulk_effects_per_s'])}/s, "
+            f"x{_num(r['bulk_vs_direct_sql'], 2)} direct SQL); every workflow closed in "
+            f"{_num(result['bulk_all_closed_s'], 1)} s (x{_num(r['bulk_all_closed_vs_ceiling'], 2)}"
+            f" the server's {_num(result['bulk_ceiling_s'], 1)} s to decide that many bare "
+            f"workflows); worker RSS at most {_num(result.get('bulk_worker_rss_mb'))} MB"
         )
     if c["waiting"]:
         lines.append(
