@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shlex
@@ -105,6 +106,8 @@ UPDATE_ATTEMPTS = 3
 # it starts (or reaches) the workflow of the current one.
 EARLIER_RUN_WAIT = 30.0
 MEMO_KEY = "tsq"
+# How long `stop_bulk` waits for the bulk operation's workflow to end.
+STOP_WAIT = 30.0
 
 
 @dataclass
@@ -961,7 +964,8 @@ class TroubleshootingClient:
 
     async def stop_bulk(self, bulk_id: str | UUID, *, operator: str) -> BulkOperation:
         """Stop a bulk operation: once this returns no more of it is decided; what was
-        committed stays. Returns the operation once its workflow has ended."""
+        committed stays. Returns the operation once its workflow has ended (or after
+        `STOP_WAIT` seconds, with no worker running: the operation says it was stopped)."""
         bid = _bulk_uuid(bulk_id)
         if not operator or not operator.strip():
             raise InvalidInputError("stopping a bulk operation names its operator")
@@ -974,7 +978,9 @@ class TroubleshootingClient:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
         else:
-            await handle.result()
+            # The stop is committed already; without a worker the workflow ends later.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handle.result(), STOP_WAIT)
         return await self.bulk(bid)
 
     # -- policies ---------------------------------------------------------------------------

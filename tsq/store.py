@@ -992,17 +992,22 @@ async def rearm(conn: Conn, parking_ids: Sequence[int]) -> None:
     )
 
 
-async def open_commands(conn: Conn, keys: Sequence[tuple[str, UUID]]) -> set[tuple[str, UUID]]:
-    """Which of these (domain, command id) have an open parking."""
+async def open_commands(
+    conn: Conn, keys: Sequence[tuple[str, UUID]], *, grace_s: float
+) -> set[tuple[str, UUID]]:
+    """Which of these (domain, command id) have an open parking, or one that left less than
+    `grace_s` ago or whose workflow is still to be told (the watcher's rows have that work)."""
     rows = await conn.fetch(
         """
-        SELECT p.domain, p.command_id FROM tsq.parking p
+        SELECT DISTINCT p.domain, p.command_id FROM tsq.parking p
         JOIN unnest($1::text[], $2::uuid[]) AS k(domain, command_id)
             ON p.domain = k.domain AND p.command_id = k.command_id
-        WHERE p.left_at IS NULL
+        WHERE p.left_at IS NULL OR p.todo IS NOT NULL
+            OR p.left_at > clock_timestamp() - make_interval(secs => $3)
         """,
         [domain for domain, _ in keys],
         [cid for _, cid in keys],
+        grace_s,
     )
     return {(row["domain"], row["command_id"]) for row in rows}
 

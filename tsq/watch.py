@@ -306,7 +306,10 @@ class Watcher:
             await store.rearm(self.pool, lost)
             report.rearmed = len(lost)
         named = {wid: key for wid in running if (key := parse_workflow_id(wid)) is not None}
-        parked = await store.open_commands(self.pool, list(named.values()))
+        # Not those the rows already have a "tell" for: during a bulk decision, thousands.
+        parked = await store.open_commands(
+            self.pool, list(named.values()), grace_s=self.sweep_grace
+        )
         report.told = [wid for wid, key in named.items() if key not in parked]
         await asyncio.gather(*(self._guarded_tell(wid) for wid in report.told))
         return report

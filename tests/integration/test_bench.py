@@ -33,7 +33,7 @@ def _tsq_command() -> list[str]:
 async def test_bench_decides_every_command_exactly_once(settings: Settings) -> None:
     """Every phase, the waiting one included, leaves one reply, audit and decision per command."""
     config = BenchConfig(
-        commands=20, concurrency=5, waiting=5, discovery=10, probes=3, idle_seconds=1
+        commands=20, concurrency=5, waiting=5, discovery=10, bulk=30, probes=3, idle_seconds=1
     )
     result = await run_bench(config, settings)
 
@@ -49,7 +49,11 @@ async def test_bench_decides_every_command_exactly_once(settings: Settings) -> N
         "waiting_decide",
         "waiting_running",
         "discovery",
+        "bulk",
     }
+    assert result["bulk_commands"] == 30 and result["bulk_exactly_once"] is True
+    assert result["bulk_effects_per_s"] > 0 and result["bulk_all_closed_s"] > 0
+    assert result["ratios"]["bulk_vs_direct_sql"] > 0 and result["bulk_worker_rss_mb"] > 0
     # The 20 decided in bulk and the 3 decided one at a time.
     assert result["checks"]["tsq_decide"]["replies"] == 23
     assert result["checks"]["tsq_decide"]["decisions"] == 23

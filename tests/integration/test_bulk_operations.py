@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
 from tests.helpers import (
@@ -154,10 +155,15 @@ async def test_bulk_cancel_decides_each_command_once_and_each_workflow_ends_canc
     state = await stack.handle(domain, ids[-1]).query("state", result_type=StateView)
     assert state.state.value == "CANCELED" and state.decided_by == "jane"
     assert state.outcome is not None and state.outcome.bulk_id == str(op.bulk_id)
-    result = await stack.client.temporal.get_workflow_handle(
+    bulk_handle = stack.client.temporal.get_workflow_handle(
         bulk_workflow_id(op.bulk_id), result_type=BulkOperation
-    ).result()
+    )
+    result = await bulk_handle.result()
     assert result.counts == {"carried_out": 300} and result.status == "finished"
+    metadata = await bulk_handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert "**300** carried out, 0 skipped, 0 failed, 0 remaining of 300" in (
+        metadata.current_details
+    )
     await _keep_history(stack.client, op.bulk_id, "bulk_cancel")
     items = await stack.client.bulk_items(op.bulk_id)
     # Oldest parked first, as selected: parked in one transaction, they go by id.

@@ -238,6 +238,7 @@ async def test_sweep_tells_a_workflow_whose_command_left_unseen(watched: Watched
         lambda: watched.temporal.count_workflows(f'WorkflowId = "{handle.id}"'),
         lambda n: n.count == 1,
     )
+    watched.watcher.sweep_grace = 0
     report = await watched.watcher.sweep()
     assert report.told == [handle.id]
     outcome = await asyncio.wait_for(handle.result(), 10)
