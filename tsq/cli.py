@@ -515,7 +515,11 @@ def _decision_parser(
     p.add_argument(
         "--operator", default=_default_operator(), help="who decides (default: your user name)"
     )
-    p.add_argument("--no-wait", action="store_true", help="return once the decision is accepted")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the decision is accepted (many: once the bulk operation started)",
+    )
     p.add_argument("--json", action="store_true", help="print the outcome(s) as JSON")
     p.add_argument(
         "--dry-run",
