@@ -39,26 +39,10 @@ TSQ = CommandStatus.IN_TROUBLESHOOTING_QUEUE.value
 LOCK_TIMEOUT = "5s"
 
 
-def decision_input(req: CarryOut, **extra: Any) -> dict[str, Any]:
-    """`tsq.decide`'s input: the request and what its kind of decision does."""
-    decision = DECISIONS[req.decision]
-    return {
-        **req.model_dump(mode="json"),
-        "status_after": decision.status_after.value,
-        "audit_event": decision.audit_event.value,
-        "reply_outcome": decision.reply_outcome,
-        "batch_update": decision.batch_update,
-        "past": decision.past,
-        "lock_timeout": LOCK_TIMEOUT,
-        **extra,
-    }
-
-
-def bulk_request(kind: DecisionKind, bulk_id: UUID, fields: dict[str, Any]) -> dict[str, Any]:
-    """`tsq.decide`'s input for every item of a bulk operation, but the command's own keys."""
+def _what_it_does(kind: DecisionKind) -> dict[str, Any]:
+    """What a kind of decision does, as `tsq.decide` reads it."""
     decision = DECISIONS[kind]
     return {
-        **fields,
         "decision": kind.value,
         "status_after": decision.status_after.value,
         "audit_event": decision.audit_event.value,
@@ -66,6 +50,19 @@ def bulk_request(kind: DecisionKind, bulk_id: UUID, fields: dict[str, Any]) -> d
         "batch_update": decision.batch_update,
         "past": decision.past,
         "lock_timeout": LOCK_TIMEOUT,
+    }
+
+
+def decision_input(req: CarryOut, **extra: Any) -> dict[str, Any]:
+    """`tsq.decide`'s input: the request and what its kind of decision does."""
+    return {**req.model_dump(mode="json"), **_what_it_does(req.decision), **extra}
+
+
+def bulk_request(kind: DecisionKind, bulk_id: UUID, fields: dict[str, Any]) -> dict[str, Any]:
+    """`tsq.decide`'s input for every item of a bulk operation, but the command's own keys."""
+    return {
+        **fields,
+        **_what_it_does(kind),
         "via": "bulk",
         "request_id": str(bulk_id),
         "bulk_id": str(bulk_id),

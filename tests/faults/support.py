@@ -140,6 +140,35 @@ async def seed(db: asyncpg.Pool, domain: str, count: int, *, batch: bool = True)
     return Seeded(domain, ids, batch_id)
 
 
+async def park_burst(
+    db: asyncpg.Pool, domain: str, count: int, *, replies: bool = False
+) -> list[uuid.UUID]:
+    """`count` commands parked by the bus in one transaction; with `replies`, each with the
+    reply queue `<domain>__replies` (created here)."""
+    if replies:
+        async with db.acquire() as conn:
+            await ensure_queue(conn, f"{domain}__replies")
+    rows = await db.fetch(
+        """
+        INSERT INTO commandbus.command (domain, queue_name, command_id, command_type, status,
+            max_attempts, last_error_type, last_error_code, reply_queue)
+        SELECT $1, $1 || '__commands', gen_random_uuid(), 'DebitAccount',
+            'IN_TROUBLESHOOTING_QUEUE', 3, 'PERMANENT', 'BURST',
+            CASE WHEN $3 THEN $1 || '__replies' ELSE '' END
+        FROM generate_series(1, $2)
+        RETURNING command_id
+        """,
+        domain,
+        count,
+        replies,
+    )
+    return [row["command_id"] for row in rows]
+
+
+async def count(temporal: Client, query: str) -> int:
+    return (await temporal.count_workflows(query)).count
+
+
 async def hold(
     db: asyncpg.Pool, domain: str, at: str, seconds: float = 60, *, queue: str | None = None
 ) -> None:

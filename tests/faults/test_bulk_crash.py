@@ -7,42 +7,18 @@ The bus is plain SQL: the commands are inserted already parked, in one transacti
 
 from __future__ import annotations
 
-import uuid
-
 import asyncpg
 import pytest
 from temporalio.client import Client
 
 from tests.faults.services import Workers
+from tests.faults.support import count, park_burst
 from tests.helpers import assert_eventually, new_domain
 from tsq.client import TroubleshootingClient
-from tsq.store import ensure_queue
 
 COMMANDS = 600
 # Slow enough that the kill comes while most effects are still to be carried out.
 RATE = 60.0
-
-
-async def _park(db: asyncpg.Pool, domain: str, count: int) -> list[uuid.UUID]:
-    async with db.acquire() as conn:
-        await ensure_queue(conn, f"{domain}__replies")
-        rows = await conn.fetch(
-            """
-            INSERT INTO commandbus.command (domain, queue_name, command_id, command_type,
-                status, max_attempts, last_error_type, last_error_code, reply_queue)
-            SELECT $1, $1 || '__commands', gen_random_uuid(), 'DebitAccount',
-                'IN_TROUBLESHOOTING_QUEUE', 3, 'PERMANENT', 'OUTAGE', $1 || '__replies'
-            FROM generate_series(1, $2)
-            RETURNING command_id
-            """,
-            domain,
-            count,
-        )
-    return [row["command_id"] for row in rows]
-
-
-async def _count(temporal: Client, query: str) -> int:
-    return (await temporal.count_workflows(query)).count
 
 
 @pytest.mark.timeout(420)
@@ -53,11 +29,11 @@ async def test_worker_killed_mid_bulk_loses_nothing_and_repeats_nothing(
     workers: Workers,
 ) -> None:
     domain = new_domain()
-    ids = await _park(db, domain, COMMANDS)
+    ids = await park_burst(db, domain, COMMANDS, replies=True)
     victim = await workers.start("bulk-victim")
     running = f'CommandDomain = "{domain}" AND ExecutionStatus = "Running"'
     await assert_eventually(
-        lambda: _count(temporal_client, running), lambda n: n == COMMANDS, within=180
+        lambda: count(temporal_client, running), lambda n: n == COMMANDS, within=180
     )
 
     op = await tsq_client.start_bulk(
@@ -98,5 +74,5 @@ async def test_worker_killed_mid_bulk_loses_nothing_and_repeats_nothing(
     assert len(replies) == COMMANDS and {r["cid"] for r in replies} == {str(c) for c in ids}
     canceled = f'CommandDomain = "{domain}" AND TsqState = "CANCELED"'
     await assert_eventually(
-        lambda: _count(temporal_client, canceled), lambda n: n == COMMANDS, within=180
+        lambda: count(temporal_client, canceled), lambda n: n == COMMANDS, within=180
     )

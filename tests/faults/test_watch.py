@@ -15,29 +15,8 @@ from temporalio.client import Client
 
 from tests.faults.figures import Figures
 from tests.faults.services import Postgres, Temporal, Workers
-from tests.faults.support import WORKER_ROLE
+from tests.faults.support import WORKER_ROLE, count, park_burst
 from tests.helpers import assert_eventually, new_domain
-
-
-async def park_burst(db: asyncpg.Pool, domain: str, count: int) -> list[uuid.UUID]:
-    """`count` commands parked by the bus in one transaction."""
-    rows = await db.fetch(
-        """
-        INSERT INTO commandbus.command (domain, queue_name, command_id, command_type, status,
-            max_attempts, last_error_type, last_error_code)
-        SELECT $1, $1 || '__commands', gen_random_uuid(), 'DebitAccount',
-            'IN_TROUBLESHOOTING_QUEUE', 3, 'PERMANENT', 'BURST'
-        FROM generate_series(1, $2)
-        RETURNING command_id
-        """,
-        domain,
-        count,
-    )
-    return [row["command_id"] for row in rows]
-
-
-async def count(temporal: Client, query: str) -> int:
-    return (await temporal.count_workflows(query)).count
 
 
 async def assert_one_run_each(
