@@ -226,6 +226,15 @@ BULK_SKIPPED = ("already_decided", "not_in_troubleshooting_queue", "not_found")
 BULK_FAILED = ("needs_approval", "claimed", "payload_not_found", "invalid", "error")
 
 
+def bulk_tally(counts: dict[str, int]) -> tuple[int, int, int]:
+    """A bulk operation's counts per result as (carried out, skipped, failed)."""
+
+    def total(group: tuple[str, ...]) -> int:
+        return sum(counts.get(result, 0) for result in group)
+
+    return total(BULK_CARRIED_OUT), total(BULK_SKIPPED), total(BULK_FAILED)
+
+
 class Metric(StrEnum):
     """tsq's Prometheus metrics (counters get `_total` on the endpoint)."""
 

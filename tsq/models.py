@@ -24,15 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
-from tsq.contract import (
-    BULK_CARRIED_OUT,
-    BULK_FAILED,
-    BULK_SKIPPED,
-    DOMAIN_PATTERN,
-    AuditEventType,
-    DecisionKind,
-    TsqState,
-)
+from tsq.contract import DOMAIN_PATTERN, AuditEventType, DecisionKind, TsqState, bulk_tally
 from tsq.durations import LONGEST, parse_duration
 from tsq.errors import InvalidInputError
 
@@ -591,15 +583,15 @@ class BulkOperation(_Model):
 
     @property
     def carried_out(self) -> int:
-        return sum(self.counts.get(r, 0) for r in BULK_CARRIED_OUT)
+        return bulk_tally(self.counts)[0]
 
     @property
     def skipped(self) -> int:
-        return sum(self.counts.get(r, 0) for r in BULK_SKIPPED)
+        return bulk_tally(self.counts)[1]
 
     @property
     def failed(self) -> int:
-        return sum(self.counts.get(r, 0) for r in BULK_FAILED)
+        return bulk_tally(self.counts)[2]
 
     @property
     def remaining(self) -> int:

@@ -22,13 +22,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from tsq.contract import (
-        BULK_CARRIED_OUT,
-        BULK_FAILED,
-        BULK_SKIPPED,
-        BULK_WORKFLOW_TYPE,
-        Activity,
-    )
+    from tsq.contract import BULK_WORKFLOW_TYPE, Activity, bulk_tally
     from tsq.models import BulkFinish, BulkOperation, BulkProgress, BulkRun, BulkStart
 
 # A worker that dies mid-run is noticed this soon; the run goes on elsewhere.
@@ -117,9 +111,7 @@ class BulkOperationWorkflow:
 
     def _render(self, start: BulkStart, status: str = "running") -> None:
         counts = self._progress.counts if self._progress else {}
-        done = sum(counts.get(r, 0) for r in BULK_CARRIED_OUT)
-        skipped = sum(counts.get(r, 0) for r in BULK_SKIPPED)
-        failed = sum(counts.get(r, 0) for r in BULK_FAILED)
+        done, skipped, failed = bulk_tally(counts)
         remaining = start.total - sum(counts.values())
         lines = [
             f"## Bulk {start.decision.value} in {start.domain}: {status}",
