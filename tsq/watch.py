@@ -21,10 +21,15 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from temporalio.client import (
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
+)
 from temporalio.exceptions import TemporalError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -44,6 +49,8 @@ POLL_S = 2.0
 LEASE_S = 15.0
 BATCH = 200
 CONCURRENCY = 32
+# How long a tell by update may wait for a worker to take it before it is sent as a signal.
+TELL_UPDATE_S = 10.0
 # A parking younger than this (or than one sweep interval, if shorter) may not show in
 # Temporal's list yet: the sweep leaves it be.
 SWEEP_GRACE_S = 30.0
@@ -254,8 +261,34 @@ class Watcher:
         return "later"
 
     async def _tell(self, wid: str) -> None:
+        """Ask the workflow to look at the database. By update: the server writes it in the
+        workflow task that takes it, where a signal is a write of its own and wakes a task
+        of its own; that is what bounds how fast thousands of workflows close after a bulk
+        decision. An update is not kept until a worker takes it, so one that is not taken in
+        time (or that the workflow does not know) is sent as the signal, which the server
+        keeps."""
+        handle = self.client.temporal.get_workflow_handle(wid)
         try:
-            await self.client.temporal.get_workflow_handle(wid).signal("tsq_refresh")
+            try:
+                await asyncio.wait_for(
+                    handle.start_update(
+                        "tsq_observe",
+                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                        rpc_timeout=timedelta(seconds=TELL_UPDATE_S),
+                    ),
+                    TELL_UPDATE_S,
+                )
+                return
+            except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None  # the watcher stops
+            except WorkflowUpdateFailedError:
+                pass  # a workflow without the update: the signal
+            except RPCError as err:
+                if err.status == RPCStatusCode.NOT_FOUND:
+                    return
+            await handle.signal("tsq_refresh")
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise

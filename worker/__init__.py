@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import asyncpg
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from tsq.activities import TroubleshootingActivities
@@ -28,12 +28,19 @@ from tsq.workflows.troubleshooting import TroubleshootingWorkflow
 log = logging.getLogger(__name__)
 
 
+# As many pollers as the server has tasks for: five fixed ones (the SDK's default) leave
+# workflow tasks waiting while thousands of workflows close after a bulk decision.
+POLLERS = PollerBehaviorAutoscaling()
+
+
 def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
     """A worker for tsq's workflow and activities; the caller owns the pool."""
     acts = TroubleshootingActivities(pool)
     return Worker(
         client,
         task_queue=task_queue,
+        workflow_task_poller_behavior=POLLERS,
+        activity_task_poller_behavior=POLLERS,
         workflows=[TroubleshootingWorkflow, BulkOperationWorkflow],
         activities=[
             acts.carry_out,

@@ -680,6 +680,17 @@ class TroubleshootingWorkflow:
         if self._v2:
             self._observe = True
 
+    @workflow.update(
+        name="tsq_observe",
+        description=(
+            "The tsq_refresh signal as an update, which is how tsq's watcher sends it: the "
+            "server writes it to the history with the workflow task that takes it, where a "
+            "signal is a write of its own. Harmless by hand."
+        ),
+    )
+    async def tsq_observe(self, *ignored: Any) -> None:
+        await self.tsq_refresh()
+
     @workflow.signal(name="snooze", description=_SNOOZE)
     async def snooze(self, raw: Any = None, *extra: Any) -> None:
         await self._on_time_signal("snooze", raw, extra)

@@ -276,6 +276,22 @@ async def test_refresh_after_another_tool_decided(
     assert (events[UPSERT], events[MARKER]) == (1, 1)
 
 
+async def test_observe_update_after_another_tool_decided(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The watcher's tell as it sends it, by update, after an outside cancel: the update in
+    the workflow task that reads the parking once and ends DECIDED_ELSEWHERE; no signal."""
+    _, command_id, handle = await _parked(tsq, pool)
+    await pool.execute(
+        "UPDATE commandbus.command SET status = 'CANCELED' WHERE command_id = $1", command_id
+    )
+    await handle.execute_update("tsq_observe")
+    events = await _events(handle, "observe_update_decided_elsewhere")
+    assert (events[UPSERT], events[MARKER]) == (1, 1)
+    assert events[EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED] == 1
+    assert events[EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED] == 0
+
+
 async def test_proposal_approved(tsq: TroubleshootingClient, pool: asyncpg.Pool) -> None:
     """A complete proposed by update, approved by signal: PENDING_APPROVAL then COMPLETED,
     the proposal's audit row, and the decision with its approval in one transaction."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
 
@@ -29,6 +30,7 @@ from tests.helpers import (
     seed_command,
     status_of,
 )
+from tsq import watch
 from tsq.client import TroubleshootingClient
 from tsq.contract import TsqState, workflow_id
 from tsq.db import create_pool
@@ -269,3 +271,39 @@ async def test_burst_parked_in_one_transaction_all_get_workflows(watched: Watche
     assert left == 0
     runs = await watched.temporal.count_workflows(f'CommandDomain = "{domain}"')
     assert runs.count == 300
+
+
+async def test_tell_no_worker_takes_in_time_is_kept_as_a_signal(
+    admin_url: str, temporal: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher tells by update, which the server keeps only once a worker takes it. With
+    no worker polling, the tell is sent as the signal instead: the workflow closes once a
+    worker is back, DECIDED_ELSEWHERE."""
+    monkeypatch.setattr(watch, "TELL_UPDATE_S", 1.0)
+    async with scratch_database(admin_url, migrated=True) as url:
+        pool = await create_pool(url)
+        try:
+            task_queue = f"tsq-watch-{uuid.uuid4().hex[:8]}"
+            client = TroubleshootingClient(temporal, pool, task_queue=task_queue)
+            domain = new_domain()
+            command_id = await seed_command(pool, domain)
+            await client.start_workflow(domain, command_id)  # no worker: its first task waits
+            await decide_as_bus(pool, domain, command_id, "CANCELED")
+            watcher = Watcher(client, url, sweep_every=3600)
+            while await watcher.drain():  # the start's row, then the tell's
+                pass
+            handle = temporal.get_workflow_handle(
+                workflow_id(domain, command_id), result_type=DecisionOutcome
+            )
+            async with new_worker(temporal, pool, task_queue):
+                outcome = await asyncio.wait_for(handle.result(), 60)
+            assert not outcome.carried_out and outcome.status == "CANCELED"
+            history = await handle.fetch_history()
+            signals = [
+                e.workflow_execution_signaled_event_attributes.signal_name
+                for e in history.events
+                if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+            ]
+            assert signals == ["tsq_refresh"]
+        finally:
+            await pool.close()

@@ -28,7 +28,7 @@ from tsq.client import TroubleshootingClient, start_metadata
 from tsq.contract import workflow_id
 from tsq.db import create_pool
 from tsq.models import CommandSnapshot
-from tsq.worker import new_worker
+from tsq.worker import POLLERS, new_worker
 
 # tsq and the bare workflow take turns this many times in each step.
 ROUNDS = 5
@@ -141,6 +141,7 @@ async def compare_with_bare(bench: Bench) -> None:
                 task_queue=bare_queue,
                 workflows=[BareWorkflow],
                 workflow_runner=runner,
+                workflow_task_poller_behavior=POLLERS,
             ),
         ):
             rounds = min(ROUNDS, n)
