@@ -595,12 +595,20 @@ async def create_bulk(
             await c.execute(
                 f"""
                 INSERT INTO tsq.bulk_item (bulk_id, seq, command_id, parking_id)
-                SELECT $7, row_number() OVER (ORDER BY c.updated_at, c.command_id),
-                    c.command_id, p.parking_id
-                FROM commandbus.command c
-                JOIN tsq.parking p
-                    ON p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
-                WHERE {_WAITING}
+                SELECT $7, row_number() OVER (ORDER BY updated_at, command_id), command_id,
+                    parking_id
+                FROM (
+                    -- Each open parking by its index: thousands just parked have no statistics
+                    -- yet, and a join planned for one row would scan them all for each command.
+                    SELECT c.updated_at, c.command_id, (
+                        SELECT p.parking_id FROM tsq.parking p
+                        WHERE p.domain = c.domain AND p.command_id = c.command_id
+                            AND p.left_at IS NULL) AS parking_id
+                    FROM commandbus.command c
+                    WHERE {_WAITING}
+                    OFFSET 0
+                ) waiting
+                WHERE parking_id IS NOT NULL
                 """,
                 domain,
                 TSQ,
