@@ -312,6 +312,28 @@ async def state_of(temporal: Client, domain: str, command_id: uuid.UUID) -> Stat
     return state
 
 
+async def what_holds(temporal: Client, domain: str, command_id: uuid.UUID) -> str:
+    """What a workflow that did not finish waits on: its workflow task's attempts, its pending
+    activities and their last failures, read from the server."""
+    handle = handle_of(temporal, domain, command_id)
+    raw = (await handle.describe()).raw_description
+    failed_tasks = [
+        e.workflow_task_failed_event_attributes.failure.message
+        async for e in handle.fetch_history_events()
+        if e.HasField("workflow_task_failed_event_attributes")
+    ]
+    task = raw.pending_workflow_task
+    parts = [f"{command_id}: {raw.workflow_execution_info.status}"]
+    if raw.HasField("pending_workflow_task"):
+        parts.append(f"workflow task {task.state} attempt {task.attempt}")
+    parts += [
+        f"activity {a.activity_type.name} attempt {a.attempt}: {a.last_failure.message or '-'}"
+        for a in raw.pending_activities
+    ]
+    parts += [f"workflow task failed: {message}" for message in failed_tasks[-2:]]
+    return "; ".join(parts)
+
+
 async def wait_closed(
     temporal: Client, domain: str, ids: list[uuid.UUID], within: float
 ) -> dict[uuid.UUID, DecisionOutcome | BaseException]:
@@ -438,7 +460,9 @@ async def verify_exactly_once(
                 wrong.append(f"{cid}: the workflow says {res.decision}: {res.detail}")
     if seeded.batch_id is not None:
         wrong += await _batch_problems(db, seeded, per_command)
-    assert not stuck, f"{len(stuck)} workflow(s) did not finish: {list(stuck.items())[:3]}"
+    if stuck:
+        held = [await what_holds(temporal, domain, cid) for cid in list(stuck)[:3]]
+        raise AssertionError(f"{len(stuck)} workflow(s) did not finish:\n" + "\n".join(held))
     assert not wrong, "not exactly once:\n" + "\n".join(wrong[:20])
 
 

@@ -54,6 +54,9 @@ INTERRUPTED_PER_BOUNDARY = 20
 VICTIMS = 2
 DECISIONS_PER_ROUND = 30
 AFTER_COMMIT = 24
+# The rounds' workflows are checked after one another, each check waiting up to 90 s: a
+# workflow that does not finish fails the test with what holds it, not with the timeout.
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.mark.parametrize("boundary", list(BOUNDARIES))
