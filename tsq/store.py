@@ -646,6 +646,7 @@ async def create_bulk(
                     CASE v.result
                         WHEN 'not_found' THEN format('command %s not found in domain %s',
                             i.command_id, $3::text)
+                        WHEN 'already_decided' THEN tsq.decided_by(d.result)
                         WHEN 'not_in_troubleshooting_queue' THEN format('command %s is %s, not '
                             'in the troubleshooting queue; nothing was changed', i.command_id,
                             c.status) END,
@@ -654,8 +655,19 @@ async def create_bulk(
                 LEFT JOIN commandbus.command c ON c.domain = $3 AND c.command_id = i.command_id
                 LEFT JOIN tsq.parking p
                     ON p.domain = $3 AND p.command_id = i.command_id AND p.left_at IS NULL
+                -- Out of the queue by a decision of tsq's (one made just before the selection,
+                -- say): the item says whose, as one that lost in its chunk would.
+                LEFT JOIN LATERAL (
+                    SELECT e.result FROM tsq.parking lp
+                    JOIN tsq.effect e ON e.effect_key = format('tsq:%s:%s/parking/%s/decision',
+                        lp.domain, lp.command_id, lp.parking_id)
+                    WHERE lp.domain = $3 AND lp.command_id = i.command_id
+                        AND (e.result->>'carried_out')::boolean
+                    ORDER BY lp.parking_id DESC LIMIT 1
+                ) d ON c.status <> $4
                 CROSS JOIN LATERAL (SELECT CASE
                     WHEN c.command_id IS NULL THEN 'not_found'
+                    WHEN c.status <> $4 AND d.result IS NOT NULL THEN 'already_decided'
                     WHEN c.status <> $4 OR p.parking_id IS NULL
                         THEN 'not_in_troubleshooting_queue' END AS result) v
                 """,

@@ -53,6 +53,16 @@ LANGUAGE sql IMMUTABLE AS $fn$
         GROUP BY key) s
 $fn$;
 
+-- What a bulk item another decision beat says: 'already decided: cancel by ann', and the
+-- bulk operation's id when the winner was one. `p_result` is the winner's recorded outcome.
+CREATE OR REPLACE FUNCTION tsq.decided_by(p_result JSONB) RETURNS TEXT
+LANGUAGE sql STABLE AS $fn$
+    SELECT format('already decided: %s by %s%s', p_result->>'decision',
+        coalesce(p_result->>'operator', 'an unnamed operator'),
+        CASE WHEN p_result->>'bulk_id' IS NOT NULL
+            THEN format(' in bulk operation %s', p_result->>'bulk_id') ELSE '' END)
+$fn$;
+
 -- Decide up to p_limit items of a bulk operation, in one transaction (the caller's). Items
 -- whose command row another transaction holds (the bus, the command's own workflow deciding
 -- it right now) are left for a later chunk, as are items another chunk holds. Run again after
@@ -110,11 +120,7 @@ BEGIN
                 v_detail := v_result->>'detail';
             ELSIF (v_result->>'carried_out')::boolean THEN
                 v_kind := 'already_decided';
-                v_detail := format('already decided: %s by %s%s', v_result->>'decision',
-                    coalesce(v_result->>'operator', 'an unnamed operator'),
-                    CASE WHEN v_result->>'bulk_id' IS NOT NULL
-                        THEN format(' in bulk operation %s', v_result->>'bulk_id')
-                        ELSE '' END);
+                v_detail := tsq.decided_by(v_result);
             ELSIF v_result->>'status' IS NULL THEN
                 v_kind := 'not_found';
                 v_detail := v_result->>'detail';
