@@ -460,15 +460,7 @@ async def command(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record |
 async def last_decision(conn: Conn, domain: str, command_id: UUID) -> dict[str, Any] | None:
     """The decision tsq recorded for the command's latest parking, if it was carried out."""
     result: dict[str, Any] | None = await conn.fetchval(
-        """
-        SELECT e.result FROM tsq.parking p
-        JOIN tsq.effect e ON e.effect_key = format('tsq:%s:%s/parking/%s/decision',
-            p.domain, p.command_id, p.parking_id)
-        WHERE p.domain = $1 AND p.command_id = $2 AND (e.result->>'carried_out')::boolean
-        ORDER BY p.parking_id DESC LIMIT 1
-        """,
-        domain,
-        command_id,
+        "SELECT tsq.last_decision($1, $2)", domain, command_id
     )
     return result
 
@@ -657,17 +649,11 @@ async def create_bulk(
                     ON p.domain = $3 AND p.command_id = i.command_id AND p.left_at IS NULL
                 -- Out of the queue by a decision of tsq's (one made just before the selection,
                 -- say): the item says whose, as one that lost in its chunk would.
-                LEFT JOIN LATERAL (
-                    SELECT e.result FROM tsq.parking lp
-                    JOIN tsq.effect e ON e.effect_key = format('tsq:%s:%s/parking/%s/decision',
-                        lp.domain, lp.command_id, lp.parking_id)
-                    WHERE lp.domain = $3 AND lp.command_id = i.command_id
-                        AND (e.result->>'carried_out')::boolean
-                    ORDER BY lp.parking_id DESC LIMIT 1
-                ) d ON c.status <> $4
+                CROSS JOIN LATERAL (SELECT CASE WHEN c.status <> $4
+                    THEN tsq.last_decision($3, i.command_id) END AS result) d
                 CROSS JOIN LATERAL (SELECT CASE
                     WHEN c.command_id IS NULL THEN 'not_found'
-                    WHEN c.status <> $4 AND d.result IS NOT NULL THEN 'already_decided'
+                    WHEN d.result IS NOT NULL THEN 'already_decided'
                     WHEN c.status <> $4 OR p.parking_id IS NULL
                         THEN 'not_in_troubleshooting_queue' END AS result) v
                 """,

@@ -53,6 +53,18 @@ LANGUAGE sql IMMUTABLE AS $fn$
         GROUP BY key) s
 $fn$;
 
+-- The decision tsq recorded for a command's latest parking that had one carried out, or NULL:
+-- who decided a command that is no longer in the queue.
+CREATE OR REPLACE FUNCTION tsq.last_decision(p_domain TEXT, p_command UUID) RETURNS JSONB
+LANGUAGE sql STABLE AS $fn$
+    SELECT e.result FROM tsq.parking p
+    JOIN tsq.effect e ON e.effect_key = format('tsq:%s:%s/parking/%s/decision',
+        p.domain, p.command_id, p.parking_id)
+    WHERE p.domain = p_domain AND p.command_id = p_command
+        AND (e.result->>'carried_out')::boolean
+    ORDER BY p.parking_id DESC LIMIT 1
+$fn$;
+
 -- What a bulk item another decision beat says: 'already decided: cancel by ann', and the
 -- bulk operation's id when the winner was one. `p_result` is the winner's recorded outcome.
 CREATE OR REPLACE FUNCTION tsq.decided_by(p_result JSONB) RETURNS TEXT
