@@ -118,6 +118,23 @@ async def _cancel_leftover_calls() -> AsyncIterator[None]:
     await asyncio.gather(*leftovers, return_exceptions=True)
 
 
+@pytest.fixture(autouse=True)
+async def _no_parkings_for_the_next_test(db: asyncpg.Pool) -> AsyncIterator[None]:
+    """Close what a test leaves parked once its workers are gone.
+
+    The suite shares one database, and a worker adopts every open parking in it, as the one
+    deployment of a database does. Without this, the next test's workers would start and tell
+    the workflows of hundreds of earlier commands on their own task queue before its own.
+    """
+    yield
+    await db.execute(
+        """
+        UPDATE tsq.parking SET left_at = coalesce(left_at, clock_timestamp()), todo = NULL
+        WHERE left_at IS NULL OR todo IS NOT NULL
+        """
+    )
+
+
 @pytest.fixture(scope="session")
 def figures() -> Figures:
     return FIGURES

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import Client, WorkflowHandle
 
 from tests.faults.figures import Figures
@@ -314,7 +315,7 @@ async def state_of(temporal: Client, domain: str, command_id: uuid.UUID) -> Stat
 
 async def what_holds(temporal: Client, domain: str, command_id: uuid.UUID) -> str:
     """What a workflow that did not finish waits on: its workflow task's attempts, its pending
-    activities and their last failures, read from the server."""
+    activities and their last failures, and the statuses of all its runs, read from the server."""
     handle = handle_of(temporal, domain, command_id)
     raw = (await handle.describe()).raw_description
     failed_tasks = [
@@ -323,7 +324,12 @@ async def what_holds(temporal: Client, domain: str, command_id: uuid.UUID) -> st
         if e.HasField("workflow_task_failed_event_attributes")
     ]
     task = raw.pending_workflow_task
-    parts = [f"{command_id}: {raw.workflow_execution_info.status}"]
+    runs = [
+        e.status.name if e.status else "?"
+        async for e in temporal.list_workflows(f'WorkflowId = "{handle.id}"')
+    ]
+    status = WorkflowExecutionStatus.Name(raw.workflow_execution_info.status)
+    parts = [f"{command_id}: {status}, runs {runs}"]
     if raw.HasField("pending_workflow_task"):
         parts.append(f"workflow task {task.state} attempt {task.attempt}")
     parts += [

@@ -9,15 +9,17 @@ history past the limit) is started again by the sweep.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client, WorkflowHandle
 
 from tests.faults.figures import Figures
 from tests.faults.services import Workers
-from tests.faults.support import handle_of, seed
+from tests.faults.support import handle_of, seed, what_holds
 from tests.helpers import assert_eventually, audit_rows, new_domain, status_of
 from tsq.client import TroubleshootingClient
 from tsq.models import StateView
@@ -26,6 +28,9 @@ FLOOD = 10_000
 QUEUED = 1_400
 BIG = 27
 BIG_SIZE = 1_900_000
+
+# The flood's own deadlines add up to 4 minutes; pytest's default of 2 would cut them short.
+pytestmark = pytest.mark.timeout(300)
 
 
 async def refused_count(handle: WorkflowHandle[Any, Any]) -> int:
@@ -138,14 +143,20 @@ async def test_oversized_signals_leave_the_command_a_decidable_workflow(
             break
     figures.fault("oversized refused signals (1.9 MB each)", BIG)
 
-    async def decidable() -> bool:
+    async def state() -> str:
         try:
-            state: StateView = await handle.query("state", result_type=StateView)
-        except Exception:
-            return False
-        return state.state.value == "AWAITING_OPERATOR"
+            view: StateView = await handle.query(
+                "state", result_type=StateView, rpc_timeout=timedelta(seconds=10)
+            )
+        except Exception as err:  # no run answers yet: failed task, terminated, restarting
+            return f"no answer ({err})"
+        return view.state.value
 
-    await assert_eventually(decidable, within=120)
+    try:
+        await assert_eventually(state, lambda s: s == "AWAITING_OPERATOR", within=90)
+    except AssertionError as err:
+        held = await what_holds(temporal_client, domain, cid)
+        raise AssertionError(f"{err}; {held}") from None
     outcome = await tsq_client.operator_cancel(domain, cid, "after the oversized signals")
     assert outcome is not None and outcome.carried_out
     assert len(await audit_rows(db, domain, cid, "OPERATOR_CANCEL")) == 1
