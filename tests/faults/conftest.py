@@ -118,13 +118,14 @@ async def _cancel_leftover_calls() -> AsyncIterator[None]:
     await asyncio.gather(*leftovers, return_exceptions=True)
 
 
-@pytest.fixture(autouse=True)
-async def _no_parkings_for_the_next_test(db: asyncpg.Pool) -> AsyncIterator[None]:
-    """Close what a test leaves parked once its workers are gone.
+@pytest.fixture(scope="module", autouse=True)
+async def _no_parkings_for_the_next_module(db: asyncpg.Pool) -> AsyncIterator[None]:
+    """Close what a module's tests leave parked once they are done (their workers are gone).
 
     The suite shares one database, and a worker adopts every open parking in it, as the one
-    deployment of a database does. Without this, the next test's workers would start and tell
-    the workflows of hundreds of earlier commands on their own task queue before its own.
+    deployment of a database does. Without this, the next module's workers would start and
+    tell the workflows of hundreds of earlier commands on their own task queue before its own.
+    Within a module, tests may share commands (module fixtures) and keep them parked.
     """
     yield
     await db.execute(
