@@ -22,16 +22,21 @@ from tests.helpers import assert_eventually, new_domain
 async def assert_one_run_each(
     temporal: Client, db: asyncpg.Pool, domain: str, ids: list[uuid.UUID], within: float
 ) -> None:
-    """Every command of `domain` has one running workflow, and no other run was ever made."""
+    """Every command of `domain` has one running workflow, no other run was ever made, and the
+    watcher's rows are done (rows a killed worker held wait for its claims to run out)."""
     running = f'CommandDomain = "{domain}" AND ExecutionStatus = "Running"'
     await assert_eventually(
         lambda: count(temporal, running), lambda n: n == len(ids), within=within
     )
     assert await count(temporal, f'CommandDomain = "{domain}"') == len(ids)
-    pending = await db.fetchval(
-        "SELECT count(*) FROM tsq.parking WHERE domain = $1 AND todo IS NOT NULL", domain
+    await assert_eventually(
+        lambda: db.fetchval(
+            "SELECT count(*) FROM tsq.parking WHERE domain = $1 AND todo IS NOT NULL", domain
+        ),
+        lambda pending: pending == 0,
+        within=within,
     )
-    assert pending == 0
+    assert await count(temporal, f'CommandDomain = "{domain}"') == len(ids)
 
 
 async def test_several_workers_start_each_parked_command_once(
