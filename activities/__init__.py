@@ -24,9 +24,11 @@ from tsq.errors import (
     ApprovalRequiredError,
     ClaimedError,
     InvalidInputError,
+    InvalidOperationError,
     PayloadNotFoundError,
 )
 from tsq.models import (
+    AuditRecords,
     BulkFinish,
     BulkOperation,
     BulkProgress,
@@ -38,8 +40,7 @@ from tsq.models import (
     RecordEvent,
     RecordRefusal,
     RecordRefusals,
-    RefusedRequest,
-    storable_text,
+    refusal_details,
 )
 from tsq.render import one_line
 
@@ -52,6 +53,7 @@ _REFUSALS: dict[str, type[Exception]] = {
     "TQ002": PayloadNotFoundError,
     "TQ003": ClaimedError,
     "TQ004": ApprovalRequiredError,
+    "TQ005": InvalidOperationError,
 }
 _PERMANENT_CLASSES = ("22", "54")
 
@@ -97,7 +99,7 @@ class TroubleshootingActivities:
         rows = [
             (
                 f"{req.workflow_id}/parking/{req.parking_id}/refused/{req.first + i}",
-                _refusal_details(refusal, req.workflow_id),
+                refusal_details(refusal, req.workflow_id),
             )
             for i, refusal in enumerate(req.refusals)
         ]
@@ -106,7 +108,7 @@ class TroubleshootingActivities:
     @activity.defn(name=Activity.RECORD_REFUSAL)
     async def record_refusal(self, req: RecordRefusal) -> None:
         """Write one refused signal to the audit trail, once (workflows of tsq 0.1)."""
-        details = _refusal_details(req.refusal, req.workflow_id)
+        details = refusal_details(req.refusal, req.workflow_id)
         await self._record(req.domain, req.command_id, [(req.effect_key, details)])
 
     async def _record(
@@ -121,9 +123,31 @@ class TroubleshootingActivities:
             # recorded must not keep the workflow busy, nor fail it.
             log.warning("refusals of command %s not recorded: %s", command_id, err)
 
+    @activity.defn(name=Activity.RECORD)
+    async def record(self, req: AuditRecords) -> None:
+        """A batch of the workflow's audit records (its own events, refused requests), each
+        once, in one transaction. A batch the database refuses for good is written record by
+        record, so that one it cannot store holds up none of the others."""
+        try:
+            await store.record(self._pool, req)
+            return
+        except asyncpg.PostgresError as err:
+            if permanent(err) is None or len(req.records) == 1:
+                raise
+            log.warning("records of command %s refused as a batch: %s", req.command_id, err)
+        for one in req.records:
+            try:
+                await store.record(self._pool, req.model_copy(update={"records": [one]}))
+            except asyncpg.PostgresError as err:
+                if permanent(err) is None:
+                    raise
+                # Kept in the workflow's state and details; a record the database cannot take
+                # must not keep the workflow busy, nor fail it.
+                log.warning("record %s not written: %s", one.effect_key, one_line(err))
+
     @activity.defn(name=Activity.RECORD_EVENT)
     async def record_event(self, req: RecordEvent) -> None:
-        """One of the workflow's own events (escalated, snoozed, retry scheduled ...), once."""
+        """One of the workflow's own events, once (workflows of 0.2 before the rules)."""
         try:
             await store.record_event(self._pool, req)
         except asyncpg.PostgresError as err:
@@ -202,13 +226,3 @@ class TroubleshootingActivities:
                 non_retryable=True,
             )
         return store.bulk_operation(row)
-
-
-def _refusal_details(refusal: RefusedRequest, workflow_id: str) -> dict[str, Any]:
-    # What a caller sent may hold what PostgreSQL cannot store (a NUL in a signal's name).
-    return {
-        "handler": storable_text(refusal.handler),
-        "problem": storable_text(refusal.problem),
-        "received": storable_text(refusal.received),
-        "workflow_id": workflow_id,
-    }

@@ -138,6 +138,7 @@ _PREVIEW_LABELS = {
     "not_found": "not found",
     "payload_not_found": "original message not found",
     "claimed": "claimed by another operator",
+    "proposal_pending": "a proposal awaits approval",
     "invalid": "invalid",
     "error": "failed",
 }

@@ -38,6 +38,7 @@ from tsq.contract import (
     BULK_WORKFLOW_TYPE,
     DECISIONS,
     DOMAIN_PATTERN,
+    RULES,
     TERMINAL_STATUSES,
     WORKFLOW_TYPE,
     CommandStatus,
@@ -167,6 +168,7 @@ def snapshot(row: asyncpg.Record) -> CommandSnapshot:
             parked_at=row["updated_at"],
             parking_id=row["parking_id"],
             policy=store.policy_of(row["policy"]),
+            rules=RULES,
         )
     except ValidationError as err:
         raise InvalidInputError(
@@ -317,7 +319,12 @@ def _retry_fields(
     return fields
 
 
-_REFUSED_PREVIEW = {"TQ001": "invalid", "TQ002": "payload_not_found", "TQ003": "claimed"}
+_REFUSED_PREVIEW = {
+    "TQ001": "invalid",
+    "TQ002": "payload_not_found",
+    "TQ003": "claimed",
+    "TQ005": "proposal_pending",
+}
 
 
 def preview_of(

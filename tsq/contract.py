@@ -9,6 +9,7 @@ saved queries, other services and waiting workflows depend on them.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from uuid import UUID
@@ -16,6 +17,10 @@ from uuid import UUID
 WORKFLOW_TYPE = "TroubleshootingWorkflow"
 BULK_WORKFLOW_TYPE = "TsqBulkOperation"
 DEFAULT_TASK_QUEUE = "troubleshooting"
+
+# The version of the rules of a command's life (`workflows/rules.py`) a workflow started now
+# follows; its input says so (`CommandSnapshot.rules`).
+RULES = 1
 
 DOMAIN_PATTERN = r"^[A-Za-z0-9_]{1,40}$"
 _WORKFLOW_ID = re.compile(r"^tsq:([A-Za-z0-9_]{1,40}):([0-9a-fA-F-]{36})$")
@@ -107,6 +112,15 @@ class AuditEventType(StrEnum):
     TSQ_CLAIMED = "TSQ_CLAIMED"
     TSQ_RELEASED = "TSQ_RELEASED"
     TSQ_CLAIM_FORCED = "TSQ_CLAIM_FORCED"
+    # A policy's expiry or a scheduled retry that came due while a claim or a proposal held
+    # the command: it happens once that ends.
+    TSQ_DEADLINE_DEFERRED = "TSQ_DEADLINE_DEFERRED"
+    # A policy's expiry or a scheduled retry that could not be carried out (the database
+    # refused it for good): an operator decides instead.
+    TSQ_DEADLINE_GIVEN_UP = "TSQ_DEADLINE_GIVEN_UP"
+    # A proposal that ended because the command was decided otherwise (a bulk operation,
+    # another tool) before anyone approved or rejected it.
+    TSQ_PROPOSAL_VOIDED = "TSQ_PROPOSAL_VOIDED"
 
 
 class TsqState(StrEnum):
@@ -124,12 +138,35 @@ class TsqState(StrEnum):
     DECIDED_ELSEWHERE = "DECIDED_ELSEWHERE"
 
 
+# Characters that show nothing: Unicode's default-ignorable code points (zero-width spaces and
+# joiners, soft hyphens, bidirectional marks, variation selectors, Hangul fillers, tags). With
+# every other format character (category Cf), they are dropped before names are compared.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+
+def operator_key(name: str | None) -> str:
+    """What an operator name is compared by: NFKC, without invisible and format characters,
+    case folded, whitespace trimmed and runs of it made one space. `alice`, ` ALICE `, `alice`
+    followed by a zero-width space and `alice` in fullwidth letters have one key. The database
+    never normalizes: it compares the keys computed here (`operator_key` in tsq.decide's
+    input)."""
+    if name is None:
+        return ""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(c for c in _INVISIBLE.sub("", text) if unicodedata.category(c) != "Cf")
+    text = unicodedata.normalize("NFKC", text.casefold())
+    return " ".join(text.split())
+
+
 def same_operator(a: str | None, b: str | None) -> bool:
-    """Whether two operator names are one person's: compared trimmed, case-insensitively (the
-    database compares them the same way, `tsq.same_operator`)."""
-    if a is None or b is None:
-        return False
-    return a.strip().lower() == b.strip().lower()
+    """Whether two operator names are one person's (see `operator_key`); a missing or blank
+    name is nobody's."""
+    key = operator_key(a)
+    return bool(key) and key == operator_key(b)
 
 
 class DecisionKind(StrEnum):
@@ -214,6 +251,7 @@ class Activity(StrEnum):
     RECORD_REFUSALS = "tsq.record_refusals"
     OBSERVE = "tsq.observe"
     RECORD_EVENT = "tsq.record_event"
+    RECORD = "tsq.record"
     BULK_RUN = "tsq.bulk_run"
     BULK_PROGRESS = "tsq.bulk_progress"
     BULK_FINISH = "tsq.bulk_finish"
@@ -223,7 +261,14 @@ class Activity(StrEnum):
 # out, skipped (nothing to do: decided already, or gone), failed (refused: someone must look).
 BULK_CARRIED_OUT = ("carried_out",)
 BULK_SKIPPED = ("already_decided", "not_in_troubleshooting_queue", "not_found")
-BULK_FAILED = ("needs_approval", "claimed", "payload_not_found", "invalid", "error")
+BULK_FAILED = (
+    "needs_approval",
+    "proposal_pending",
+    "claimed",
+    "payload_not_found",
+    "invalid",
+    "error",
+)
 
 
 def bulk_tally(counts: dict[str, int]) -> tuple[int, int, int]:

@@ -48,6 +48,7 @@ MIGRATIONS = (
     "003_parking.sql",
     "004_policies.sql",
     "005_bulk.sql",
+    "006_rules.sql",
 )
 
 _BOOTSTRAP = """

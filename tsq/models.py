@@ -24,7 +24,14 @@ from pydantic import (
     ValidationError,
 )
 
-from tsq.contract import DOMAIN_PATTERN, AuditEventType, DecisionKind, TsqState, bulk_tally
+from tsq.contract import (
+    DOMAIN_PATTERN,
+    AuditEventType,
+    DecisionKind,
+    TsqState,
+    bulk_tally,
+    operator_key,
+)
 from tsq.durations import LONGEST, parse_duration
 from tsq.errors import InvalidInputError
 
@@ -79,19 +86,32 @@ def _no_blank(text: str) -> str:
     return text
 
 
+def _visible_name(text: str | None) -> str | None:
+    """A name is compared by its `operator_key`: one with nothing visible names nobody."""
+    if text is not None and not operator_key(text):
+        raise ValueError("must name someone (it is blank once invisible characters are removed)")
+    return text
+
+
 Reason = Annotated[
     str,
     StringConstraints(max_length=2000),
     AfterValidator(_storable),
     AfterValidator(_no_blank),
 ]
-Operator = Annotated[str, StringConstraints(max_length=200), AfterValidator(_storable)]
+Operator = Annotated[
+    str,
+    StringConstraints(max_length=200),
+    AfterValidator(_storable),
+    AfterValidator(_visible_name),
+]
 # Who approves, rejects, claims: four eyes need two names, so a name is required.
 NamedOperator = Annotated[
     str,
     StringConstraints(max_length=200),
     AfterValidator(_storable),
     AfterValidator(_no_blank),
+    AfterValidator(_visible_name),
 ]
 Domain = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
 
@@ -134,27 +154,34 @@ def _storable_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 ResultData = Annotated[dict[str, Any] | None, AfterValidator(_storable_json)]
 
-# What identifies a command and its reply: an edited message keeps them (`command_type` is the
-# reference library's name for `type`).
-PROTECTED_KEYS = ("command_id", "domain", "type", "command_type", "correlation_id")
+# What an edit is for: the command's data, the part of the message its handler reads. The
+# envelope (ids, type, domain, correlation, reply queue, times) says which command this is and
+# where its answer goes: an edited message is still the same command, with the same reply.
+EDITABLE = "data"
 
 
 def _merge_patch(value: dict[str, Any]) -> dict[str, Any]:
-    touched = [key for key in PROTECTED_KEYS if key in value]
-    if touched:
+    others = sorted(key for key in value if key != EDITABLE)
+    if others:
         raise ValueError(
-            f"must not change {', '.join(touched)}: an edited message is still the same "
-            "command, with the same reply"
+            f'edits the command\'s data only ({{"{EDITABLE}": {{...}}}}), not '
+            f"{', '.join(others)}: the rest of the message says which command it is and where "
+            "its reply goes"
         )
-    if not value:
-        raise ValueError("is empty: leave it out to retry the original message")
+    if EDITABLE not in value:
+        raise ValueError(f'is empty: give {{"{EDITABLE}": {{...}}}}, or leave it out')
+    if not isinstance(value[EDITABLE], dict) or not value[EDITABLE]:
+        raise ValueError(
+            f"{EDITABLE} must be a non-empty JSON object merged into the command's data "
+            "(RFC 7396: null removes a key)"
+        )
     stored = _storable_json(value)
     assert stored is not None
     return stored
 
 
-# A JSON merge patch (RFC 7396) for the original message: objects merge, null removes a key,
-# anything else replaces.
+# A JSON merge patch (RFC 7396) of the original message's data: objects merge, null removes a
+# key, anything else replaces.
 MergePatch = Annotated[dict[str, Any], AfterValidator(_merge_patch)]
 
 
@@ -178,9 +205,6 @@ def _duration(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
-
-
 def _positive(value: timedelta) -> timedelta:
     if value <= timedelta(0):
         raise ValueError("must be longer than zero")
@@ -201,15 +225,15 @@ class Policy(_Model):
     """What happens to a parked command nobody decides: `tsq policy set` (see `tsq.policy`)."""
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_storable)]
-    escalate_after: Duration | None = None
-    expire_after: Duration | None = None
+    escalate_after: PositiveDuration | None = None
+    expire_after: PositiveDuration | None = None
     expire_decision: Literal[DecisionKind.CANCEL, DecisionKind.COMPLETE] | None = None
     expire_reason: Reason | None = None
     expire_result_data: ResultData = None
     # Decisions that become proposals, carried out once another operator approves. Every
     # policy that matches the command adds its own: a more specific policy never removes one.
     require_approval: list[DecisionKind] = Field(default_factory=list)
-    approval_expires_after: Duration | None = None
+    approval_expires_after: PositiveDuration | None = None
 
 
 class Proposal(_Model):
@@ -222,7 +246,9 @@ class Proposal(_Model):
     proposed_at: datetime
     expires_at: datetime
     request_id: str
-    via: Literal["signal", "update"]
+    # How the decision came: an operator's signal or update, or (when the policy asks approval
+    # for its kind) the policy's own expiry or a retry scheduled before that policy was set.
+    via: Literal["signal", "update", "policy", "schedule"]
 
 
 class Claim(_Model):
@@ -246,6 +272,10 @@ class ScheduledRetry(_Model):
     at: datetime
     requested_at: datetime
     request_id: str
+    # A retry proposed for later and approved: carried out as approved (the approval is in the
+    # audit trail already).
+    approved_by: str | None = None
+    approval_comment: str | None = None
 
 
 class Continued(_Model):
@@ -264,6 +294,9 @@ class Continued(_Model):
     claim: Claim | None = None
     notes: list[Note] = Field(default_factory=list)
     notes_count: int = 0
+    # Deadlines held by a claim or a proposal, and what the audit trail was told of it.
+    deferred: dict[str, str] = Field(default_factory=dict)
+    expiry_given_up: bool = False
 
 
 class CommandSnapshot(_Model):
@@ -290,6 +323,9 @@ class CommandSnapshot(_Model):
     parking_id: int | None = None
     policy: Policy | None = None
     continued: Continued | None = None
+    # The version of the rules the workflow follows (`workflows/rules.py`); None: a workflow
+    # started before them, which takes them at its next event (see `workflows/compat.py`).
+    rules: int | None = None
 
 
 # Each request may name the parking it was decided for (the SDK and the CLI do): a workflow
@@ -325,7 +361,7 @@ class SnoozeRequest(_Model):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    for_: Duration = Field(alias="for")
+    for_: PositiveDuration = Field(alias="for")
     reason: Reason
     operator: Operator | None = None
 
@@ -420,6 +456,8 @@ class CarryOut(_Model):
     force: bool = False
     approved_by: str | None = None
     approval_comment: str | None = None
+    # The approval is in the audit trail already (a retry approved for later).
+    approval_audited: bool = False
 
 
 class DecisionOutcome(_Model):
@@ -495,13 +533,53 @@ class RecordEvent(_Model):
     details: dict[str, Any]
     # The workflow's count of its own events: a claim written late never undoes a later one.
     seq: int = 0
-    notice: Literal["escalations"] | None = None
+    notice: Literal["escalations", "given_up"] | None = None
     error_code: str | None = None
     # A claim taken (kept in `tsq.claim` for decisions outside the workflow to respect) or,
     # with None and `release`, given up; in the same transaction as the audit row.
     claim: Claim | None = None
     release: bool = False
     parking_id: int | None = None
+
+
+class AuditRecord(_Model):
+    """One row a workflow writes to the audit trail, once (under `effect_key`), with what the
+    database keeps beside it: a claim taken or released, a proposal made or ended (`seq` is
+    the workflow's count of its own events: a hold written late never undoes a later one), and
+    for the notifier, one more in its count."""
+
+    effect_key: str
+    event: AuditEventType
+    details: dict[str, Any]
+    seq: int = 0
+    notice: Literal["escalations", "given_up"] | None = None
+    claim: Claim | None = None
+    release: bool = False
+    proposal: Proposal | None = None
+    withdraw: bool = False
+
+
+class AuditRecords(_Model):
+    """Input of the activity that writes a batch of a workflow's audit records in one
+    transaction: a burst of notes, claims or refused signals costs one activity per batch."""
+
+    workflow_id: str
+    domain: Domain
+    command_id: UUID
+    parking_id: int | None
+    error_code: str | None = None
+    records: list[AuditRecord]
+
+
+def refusal_details(refusal: RefusedRequest, workflow_id: str) -> dict[str, Any]:
+    """A refused request as its audit row keeps it; what a caller sent may hold what PostgreSQL
+    cannot store (a NUL in a signal's name), written as escapes."""
+    return {
+        "handler": storable_text(refusal.handler),
+        "problem": storable_text(refusal.problem),
+        "received": storable_text(refusal.received),
+        "workflow_id": workflow_id,
+    }
 
 
 class Observe(_Model):
@@ -641,6 +719,13 @@ class StateView(_Model):
     claimed_until: datetime | None = None
     notes: list[Note] = Field(default_factory=list, description="The latest notes")
     notes_count: int = 0
+    deferred: dict[str, str] = Field(
+        default_factory=dict,
+        description="Deadlines due but held back (expiry, retry), and what holds each",
+    )
+    expiry_given_up: bool = Field(
+        default=False, description="The policy's expiry will not be tried again"
+    )
 
 
 def describe_input(raw: Any, limit: int = 500) -> str:

@@ -275,6 +275,7 @@ BULK_LABELS = {
     "not_in_troubleshooting_queue": "skipped: not in troubleshooting queue",
     "not_found": "skipped: not found",
     "needs_approval": "refused: needs another operator's approval",
+    "proposal_pending": "refused: a proposal awaits another operator's approval",
     "claimed": "refused: claimed by another operator",
     "payload_not_found": "refused: original message not found",
     "invalid": "refused: invalid",

@@ -13,11 +13,13 @@ from uuid import UUID
 
 import asyncpg
 
-from tsq.contract import DECISIONS, AuditEventType, CommandStatus, DecisionKind
+from tsq.contract import DECISIONS, AuditEventType, CommandStatus, DecisionKind, operator_key
 from tsq.errors import InvalidInputError
 from tsq.models import (
+    AuditRecords,
     BulkOperation,
     CarryOut,
+    Claim,
     DecisionOutcome,
     Observe,
     Observed,
@@ -54,8 +56,15 @@ def _what_it_does(kind: DecisionKind) -> dict[str, Any]:
 
 
 def decision_input(req: CarryOut, **extra: Any) -> dict[str, Any]:
-    """`tsq.decide`'s input: the request and what its kind of decision does."""
-    return {**req.model_dump(mode="json"), **_what_it_does(req.decision), **extra}
+    """`tsq.decide`'s input: the request, what its kind of decision does, and the names as
+    they are compared (the database never normalizes them itself)."""
+    return {
+        **req.model_dump(mode="json"),
+        **_what_it_does(req.decision),
+        "operator_key": operator_key(req.operator),
+        "approved_by_key": operator_key(req.approved_by) if req.approved_by else None,
+        **extra,
+    }
 
 
 def bulk_request(kind: DecisionKind, bulk_id: UUID, fields: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +72,7 @@ def bulk_request(kind: DecisionKind, bulk_id: UUID, fields: dict[str, Any]) -> d
     return {
         **fields,
         **_what_it_does(kind),
+        "operator_key": operator_key(fields.get("operator")),
         "via": "bulk",
         "request_id": str(bulk_id),
         "bulk_id": str(bulk_id),
@@ -248,44 +258,140 @@ async def record_event(conn: Conn, event: RecordEvent) -> bool:
             {**event.details, "workflow_id": event.workflow_id},
         )
         if event.claim is not None and event.parking_id is not None:
-            await c.execute(
-                """
-                INSERT INTO tsq.claim (parking_id, domain, command_id, claimed_by, until, seq)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                ON CONFLICT (parking_id) DO UPDATE SET claimed_by = excluded.claimed_by,
-                    until = excluded.until, seq = excluded.seq
-                WHERE tsq.claim.seq < excluded.seq
-                """,
-                event.parking_id,
-                event.domain,
-                event.command_id,
-                event.claim.by,
-                event.claim.until,
-                event.seq,
+            await _take_claim(
+                c, event.parking_id, event.domain, event.command_id, event.claim, event.seq
             )
         if event.release and event.parking_id is not None:
-            # Kept, ended, so that a claim written late (a lower seq) cannot come back.
-            await c.execute(
-                """
-                UPDATE tsq.claim SET until = least(until, clock_timestamp()), seq = $2
-                WHERE parking_id = $1 AND seq < $2
-                """,
-                event.parking_id,
-                event.seq,
-            )
+            await _release_claim(c, event.parking_id, event.seq)
         if event.notice:
-            await c.execute(
-                """
-                INSERT INTO tsq.notice_group (kind, domain, error_code, pending)
-                VALUES ($1, $2, coalesce($3, ''), 1)
-                ON CONFLICT (kind, domain, error_code)
-                DO UPDATE SET pending = tsq.notice_group.pending + 1
-                """,
-                event.notice,
-                event.domain,
-                event.error_code,
-            )
+            await _count_notice(c, event.notice, event.domain, event.error_code, 1)
     return True
+
+
+async def record(conn: Conn, batch: AuditRecords) -> int:
+    """A batch of a workflow's audit records in one transaction, each once (keyed): the audit
+    rows in order, the claims and proposals the database keeps beside them (each guarded by
+    the workflow's count of its events, so a late write never undoes a later one), and the
+    notifier's counts. Returns how many rows were new."""
+    records = batch.records
+    async with conn.acquire() as c, c.transaction():
+        fresh: list[str] = await c.fetchval(
+            """
+            WITH input AS (
+                SELECT * FROM unnest($3::text[], $4::text[], $5::jsonb[])
+                    WITH ORDINALITY AS t(key, event, details, n)
+            ), fresh AS (
+                INSERT INTO tsq.effect (effect_key, domain, command_id, kind, result)
+                SELECT key, $1, $2, CASE WHEN event = $7 THEN 'refusal' ELSE 'event' END,
+                    details
+                FROM input ON CONFLICT (effect_key) DO NOTHING
+                RETURNING effect_key
+            ), audited AS (
+                INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+                SELECT $1, $2, input.event,
+                    input.details || jsonb_build_object('workflow_id', $6::text)
+                FROM input JOIN fresh ON fresh.effect_key = input.key
+                ORDER BY input.n
+            )
+            SELECT coalesce(array_agg(effect_key), '{}') FROM fresh
+            """,
+            batch.domain,
+            batch.command_id,
+            [r.effect_key for r in records],
+            [r.event.value for r in records],
+            [r.details for r in records],
+            batch.workflow_id,
+            AuditEventType.TSQ_SIGNAL_REFUSED.value,
+        )
+        new = set(fresh)
+        parking = batch.parking_id
+        for r in records:
+            if parking is not None and r.claim is not None:
+                await _take_claim(c, parking, batch.domain, batch.command_id, r.claim, r.seq)
+            if parking is not None and r.release:
+                await _release_claim(c, parking, r.seq)
+            if parking is not None and r.proposal is not None:
+                await c.execute(
+                    """
+                    INSERT INTO tsq.proposal (parking_id, domain, command_id, decision,
+                        proposed_by, expires_at, seq)
+                    SELECT $1, $2, $3, $4, $5, $6, $7
+                    WHERE EXISTS (SELECT 1 FROM tsq.parking
+                                  WHERE parking_id = $1 AND left_at IS NULL)
+                    ON CONFLICT (parking_id) DO UPDATE SET decision = excluded.decision,
+                        proposed_by = excluded.proposed_by, expires_at = excluded.expires_at,
+                        ended = false, seq = excluded.seq
+                    WHERE tsq.proposal.seq < excluded.seq
+                    """,
+                    parking,
+                    batch.domain,
+                    batch.command_id,
+                    r.proposal.decision.value,
+                    r.proposal.proposed_by,
+                    r.proposal.expires_at,
+                    r.seq,
+                )
+            if parking is not None and r.withdraw:
+                await c.execute(
+                    "UPDATE tsq.proposal SET ended = true, seq = $2 WHERE parking_id = $1 "
+                    "AND seq < $2",
+                    parking,
+                    r.seq,
+                )
+            if r.notice and r.effect_key in new:
+                await _count_notice(c, r.notice, batch.domain, batch.error_code, 1)
+    return len(new)
+
+
+async def _take_claim(
+    conn: Conn, parking_id: int, domain: str, command_id: UUID, claim: Claim, seq: int
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO tsq.claim (parking_id, domain, command_id, claimed_by, claimed_by_key,
+            until, seq)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (parking_id) DO UPDATE SET claimed_by = excluded.claimed_by,
+            claimed_by_key = excluded.claimed_by_key, until = excluded.until, seq = excluded.seq
+        WHERE tsq.claim.seq < excluded.seq
+        """,
+        parking_id,
+        domain,
+        command_id,
+        claim.by,
+        operator_key(claim.by),
+        claim.until,
+        seq,
+    )
+
+
+async def _release_claim(conn: Conn, parking_id: int, seq: int) -> None:
+    """Kept, ended, so that a claim written late (a lower seq) cannot come back."""
+    await conn.execute(
+        """
+        UPDATE tsq.claim SET until = least(until, clock_timestamp()), seq = $2
+        WHERE parking_id = $1 AND seq < $2
+        """,
+        parking_id,
+        seq,
+    )
+
+
+async def _count_notice(
+    conn: Conn, kind: str, domain: str, error_code: str | None, count: int
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO tsq.notice_group (kind, domain, error_code, pending)
+        VALUES ($1, $2, coalesce($3, ''), $4)
+        ON CONFLICT (kind, domain, error_code)
+        DO UPDATE SET pending = tsq.notice_group.pending + excluded.pending
+        """,
+        kind,
+        domain,
+        error_code,
+        count,
+    )
 
 
 # -- policies -------------------------------------------------------------------------------

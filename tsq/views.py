@@ -129,6 +129,7 @@ PreviewResult = Literal[
     "not_found",
     "payload_not_found",
     "claimed",
+    "proposal_pending",
     "invalid",
     "error",
 ]

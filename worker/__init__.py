@@ -47,6 +47,7 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
             acts.record_refusal,
             acts.record_refusals,
             acts.record_event,
+            acts.record,
             acts.observe,
             acts.bulk_run,
             acts.bulk_progress,

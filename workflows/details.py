@@ -27,6 +27,52 @@ REJECT_EXAMPLE = {"operator": "colleague@example.com", "reason": "the ledger has
 NOTE_EXAMPLE = {"text": "asked the ledger team", "operator": "you@example.com"}
 CLAIM_EXAMPLE = {"operator": "you@example.com", "for": "1h"}
 RELEASE_EXAMPLE = {"operator": "you@example.com"}
+_ANSWER = (
+    " Answers once it is done; refused, with the reason, if the input is wrong or the "
+    "command was already decided."
+)
+_STATE = " Answers with the state."
+
+
+def _decision(kind: DecisionKind, answer: str = "") -> str:
+    decision = DECISIONS[kind]
+    return (
+        f"{kind.value.capitalize()}: {decision.effect}.{answer} "
+        f"Input: {json.dumps(decision.example)}"
+    )
+
+
+_OTHERS = {
+    "snooze": "Snooze: the escalation and expiry not yet passed move later by `for`, audited. "
+    'Input: {"for": "2h", "reason": "waiting for the ledger team", "operator": '
+    '"you@example.com"}',
+    "unschedule": "Unschedule: a retry scheduled for later is dropped and the command waits "
+    'again, audited. Input: {"operator": "you@example.com", "reason": "fixed by hand"}',
+    "approve": "Approve: the decision proposed (PENDING_APPROVAL) is carried out; by an "
+    f"operator other than the proposer, audited. Input: {json.dumps(APPROVE_EXAMPLE)}",
+    "reject": "Reject: the decision proposed is dropped and the command waits again; by an "
+    f"operator other than the proposer, audited. Input: {json.dumps(REJECT_EXAMPLE)}",
+    "note": f"Note: kept with the command, audited. Input: {json.dumps(NOTE_EXAMPLE)}",
+    "claim": "Claim: you are on this command; other operators' decisions are refused unless "
+    f"forced until the claim ends (default 1h). Input: {json.dumps(CLAIM_EXAMPLE)}",
+    "release": "Release your claim (another's with force, audited). Input: "
+    f"{json.dumps(RELEASE_EXAMPLE)}",
+}
+# What the Web UI lists beside each signal and update (Send a Signal, Send an Update).
+DESCRIBE: dict[str, str] = {
+    **{kind.value: _decision(kind) for kind in DecisionKind},
+    **{f"operator_{kind.value}": _decision(kind, _ANSWER) for kind in DecisionKind},
+    **_OTHERS,
+    **{
+        f"operator_{name}": text + (_ANSWER if name == "approve" else _STATE)
+        for name, text in _OTHERS.items()
+    },
+    "tsq_refresh": "Read the command's status from the database again; sent by tsq's watcher "
+    "when the command leaves the troubleshooting queue by another hand. Harmless by hand.",
+    "tsq_observe": "The tsq_refresh signal as an update, which is how tsq's watcher sends it: "
+    "the server writes it to the history with the workflow task that takes it, where a signal "
+    "is a write of its own. Harmless by hand.",
+}
 # Current details travel in the UI's URLs: keep lists short.
 SHOWN_REFUSALS = 5
 # Longest value shown; the summary has a line of its own.
@@ -188,7 +234,8 @@ def render_details(
 
 
 def _deadlines(view: StateView) -> list[str]:
-    """The policy's escalation and expiry, snoozes, a retry scheduled for later."""
+    """The policy's escalation and expiry, snoozes, a retry scheduled for later, and what
+    holds a deadline back."""
     lines = []
     if view.retry_scheduled_for is not None:
         lines.append(
@@ -202,12 +249,23 @@ def _deadlines(view: StateView) -> list[str]:
             done = " — **escalated**" if view.escalated else ""
             lines.append(f"- Escalates at {_text(view.escalate_at)}{done}")
         if view.expire_at is not None and view.expire_decision is not None:
-            lines.append(
-                f"- Expires at {_text(view.expire_at)}: the policy will "
-                f"**{view.expire_decision.value}** it"
-            )
+            kind = view.expire_decision.value
+            if view.expiry_given_up:
+                lines.append(
+                    f"- Expired at {_text(view.expire_at)}: the policy's {kind} was not carried "
+                    "out (see the audit trail); an operator decides"
+                )
+            else:
+                how = "propose to" if view.expire_decision in view.require_approval else "will"
+                lines.append(
+                    f"- Expires at {_text(view.expire_at)}: the policy {how} **{kind}** it"
+                )
         if view.snoozed:
             lines.append(f"- Snoozed for {_text(view.snoozed)} in all")
+    lines += [
+        f"- The {deadline} is due but held back by the {_text(why)}: it happens once that ends"
+        for deadline, why in view.deferred.items()
+    ]
     return ["### Time", *lines, ""] if lines else []
 
 

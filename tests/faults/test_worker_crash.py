@@ -39,7 +39,7 @@ from tests.faults.support import (
 )
 from tests.helpers import assert_eventually, new_domain
 from tsq.client import TroubleshootingClient
-from tsq.workflows.troubleshooting import ACTIVITY_TIMEOUT
+from tsq.workflows.shell import ACTIVITY_TIMEOUT
 
 # Steps of the decision's transaction, in the order it reaches them.
 BOUNDARIES = {

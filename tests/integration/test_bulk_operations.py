@@ -301,6 +301,39 @@ async def test_commands_no_longer_waiting_are_skipped_and_counted(stack: Stack) 
     )
 
 
+async def test_a_command_awaiting_approval_is_held_back_from_a_bulk_decision(
+    stack: Stack,
+) -> None:
+    """A proposal waits on one command of the selection: the bulk operation leaves it alone,
+    reported per item (`proposal_pending`, a failure someone must look at), the proposal still
+    waits, and its approval carries it out afterwards; the other commands are decided."""
+    domain = new_domain()
+    await stack.client.set_policy(domain, "four-eyes", require_approval=["cancel"], operator="lead")
+    proposed, other = [await seed_command(stack.pool, domain) for _ in range(2)]
+    proposal = await stack.client.operator_cancel(domain, proposed, "duplicate", operator="alice")
+    assert proposal is not None and proposal.proposal is not None
+    await assert_eventually(
+        lambda: stack.pool.fetchval(
+            "SELECT count(*) FROM tsq.proposal WHERE command_id = $1 AND NOT ended", proposed
+        )
+    )
+
+    op = await stack.client.start_bulk(
+        "complete", domain, command_ids=[proposed, other], operator="gus"
+    )
+    op = await stack.client.wait_bulk(op.bulk_id)
+
+    assert op.counts == {"carried_out": 1, "proposal_pending": 1}
+    assert (op.carried_out, op.skipped, op.failed) == (1, 0, 1)
+    details = {i.command_id: i.detail for i in await stack.client.bulk_items(op.bulk_id)}
+    assert "cancel proposed by alice awaiting another operator's approval" in str(details[proposed])
+    handle = stack.client.temporal.get_workflow_handle(workflow_id(domain, proposed))
+    state: StateView = await handle.query("state", result_type=StateView)
+    assert state.proposal is not None and state.state.value == "PENDING_APPROVAL"
+    approved = await stack.client.approve(domain, proposed, operator="bob")
+    assert approved.carried_out and approved.status == "CANCELED"
+
+
 @pytest.mark.parametrize(
     ("selection", "problem"),
     [

@@ -23,7 +23,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
-from tests.helpers import assert_eventually, new_domain, seed_command, status_of
+from tests.helpers import assert_eventually, audit_rows, new_domain, seed_command, status_of
 from tsq import TroubleshootingClient
 from tsq.models import DecisionOutcome
 
@@ -360,3 +360,112 @@ async def test_claim_expired_then_edited_retry(
     await handle.signal("retry", {"operator": "bob", "patch": {"data": {"amount": 1}}})
     events = await _events(handle, "claim_expired_then_edited_retry")
     assert events[TIMER_STARTED] == 1
+
+
+async def test_notes_and_claims_are_written_in_batches_then_cancel(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """Notes, a claim and a release sent in a burst: the handlers write nothing themselves;
+    the run loop writes their records in one activity (one marker), then the cancel."""
+    domain, command_id, handle = await _parked(tsq, pool)
+    for n in range(5):
+        await handle.signal("note", {"text": f"look {n}", "operator": "ann"})
+    await handle.signal("claim", {"operator": "ann", "for": "1h"})
+    await handle.signal("release", {"operator": "ann"})
+    await assert_eventually(lambda: audit_rows(pool, domain, command_id, "TSQ_RELEASED"), within=30)
+    await handle.signal("cancel", CANCEL)
+    events = await _events(handle, "notes_batched_then_cancel")
+    assert events[MARKER] <= 4
+    assert len(await audit_rows(pool, domain, command_id, "TSQ_NOTE")) == 5
+
+
+async def test_expiry_deferred_by_a_claim_then_carried_out(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The policy's cancel comes due during a claim: deferred (audited), then carried out when
+    the claim runs out."""
+    domain, command_id, handle = await _with_policy(
+        tsq, pool, expire_after="1s", expire_decision="cancel", reason="expired"
+    )
+    await tsq.claim(domain, command_id, operator="jane", for_="3s")
+    events = await _events(handle, "expiry_deferred_by_claim")
+    assert events[TIMER_STARTED] >= 2
+    assert len(await audit_rows(pool, domain, command_id, "TSQ_DEADLINE_DEFERRED")) == 1
+    assert await status_of(pool, domain, command_id) == "CANCELED"
+
+
+async def test_retry_deferred_by_a_claim_then_released(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """Alice's scheduled retry comes due while bob holds a claim; bob releases it; it goes."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    await tsq.start_workflow(domain, command_id)
+    at = datetime.now(UTC) + timedelta(seconds=1)
+    await tsq.operator_retry(domain, command_id, operator="alice", not_before=at)
+    await tsq.claim(domain, command_id, operator="bob", for_="1h")
+    await assert_eventually(
+        lambda: audit_rows(pool, domain, command_id, "TSQ_DEADLINE_DEFERRED"), within=30
+    )
+    await tsq.release(domain, command_id, operator="bob")
+    handle = tsq.temporal.get_workflow_handle(
+        f"tsq:{domain}:{command_id}", result_type=DecisionOutcome
+    )
+    await _events(handle, "retry_deferred_then_released")
+    assert await status_of(pool, domain, command_id) == "PENDING"
+
+
+async def test_expiry_under_four_eyes_is_proposed_then_approved(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A policy that cancels when due and asks approval for cancels: its cancel is a proposal
+    by the policy, carried out once an operator approves it."""
+    domain, command_id, handle = await _with_policy(
+        tsq,
+        pool,
+        expire_after="1s",
+        expire_decision="cancel",
+        reason="expired",
+        require_approval=["cancel"],
+    )
+    await assert_eventually(lambda: handle.query("state"), lambda s: s["proposal"] is not None)
+    approved = await tsq.approve(domain, command_id, operator="bob")
+    assert approved.carried_out and approved.operator == "policy:p"
+    await _events(handle, "expiry_proposed_then_approved")
+
+
+async def test_scheduled_retry_that_cannot_go_is_given_up(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """The retry's original message is gone when its time comes: given up, audited, and the
+    command waits; then a cancel."""
+    domain = new_domain()
+    command_id = await seed_command(pool, domain)
+    await tsq.start_workflow(domain, command_id)
+    await pool.execute("DELETE FROM pgmq.a_" + f"{domain}__commands")
+    at = datetime.now(UTC) + timedelta(seconds=1)
+    await tsq.operator_retry(domain, command_id, operator="alice", not_before=at)
+    await assert_eventually(
+        lambda: audit_rows(pool, domain, command_id, "TSQ_DEADLINE_GIVEN_UP"), within=30
+    )
+    handle = tsq.temporal.get_workflow_handle(
+        f"tsq:{domain}:{command_id}", result_type=DecisionOutcome
+    )
+    await handle.signal("cancel", CANCEL)
+    await _events(handle, "scheduled_retry_given_up")
+    assert await status_of(pool, domain, command_id) == "CANCELED"
+
+
+async def test_proposal_voided_when_another_tool_decides(
+    tsq: TroubleshootingClient, pool: asyncpg.Pool
+) -> None:
+    """A proposal waits; another tool cancels the command; the workflow is told: the proposal
+    is voided (audited) and the workflow ends DECIDED_ELSEWHERE."""
+    domain, command_id, handle = await _with_policy(tsq, pool, require_approval=["complete"])
+    await tsq.operator_complete(domain, command_id, operator="alice")
+    await pool.execute(
+        "UPDATE commandbus.command SET status = 'CANCELED' WHERE command_id = $1", command_id
+    )
+    await handle.execute_update("tsq_observe")
+    await _events(handle, "proposal_voided_by_another_tool")
+    assert len(await audit_rows(pool, domain, command_id, "TSQ_PROPOSAL_VOIDED")) == 1
