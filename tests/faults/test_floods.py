@@ -26,6 +26,7 @@ from tsq.models import StateView
 
 FLOOD = 10_000
 QUEUED = 1_400
+NOTES = 3_000
 BIG = 27
 BIG_SIZE = 1_900_000
 
@@ -38,12 +39,14 @@ async def refused_count(handle: WorkflowHandle[Any, Any]) -> int:
     return state.refused_count
 
 
-async def send_all(handle: WorkflowHandle[Any, Any], count: int, payload: Any) -> None:
+async def send_all(
+    handle: WorkflowHandle[Any, Any], count: int, payload: Any, signal: str = "cancel"
+) -> None:
     gate = asyncio.Semaphore(100)
 
     async def one() -> None:
         async with gate:
-            await handle.signal("cancel", payload)
+            await handle.signal(signal, payload)
 
     await asyncio.gather(*(one() for _ in range(count)))
 
@@ -96,6 +99,44 @@ async def test_ten_thousand_refused_signals_leave_the_workflow_decidable(
     outcome = await tsq_client.operator_cancel(domain, cid, "after the flood")
     assert outcome is not None and outcome.carried_out
     assert await status_of(db, domain, cid) == "CANCELED"
+    assert await failed_tasks(temporal_client, handle.id) == []
+
+
+async def test_a_flood_of_notes_is_written_in_batches_and_the_workflow_stays_decidable(
+    db: asyncpg.Pool,
+    temporal_client: Client,
+    tsq_client: TroubleshootingClient,
+    workers: Workers,
+    figures: Figures,
+) -> None:
+    """3,000 notes in seconds, with claims and releases among them: every one is in the audit
+    trail once, no workflow task fails (the handlers never wait on the database), and a cancel
+    afterwards is carried out once."""
+    await workers.start("worker")
+    seeded = await seed(db, new_domain(), 1, batch=False)
+    domain, [cid] = seeded.domain, seeded.ids
+    await tsq_client.start_workflow(domain, cid)
+    handle = handle_of(temporal_client, domain, cid)
+    await asyncio.gather(
+        send_all(handle, NOTES, {"text": "still looking", "operator": "ann"}, signal="note"),
+        send_all(handle, 50, {"operator": "ann", "for": "1h"}, signal="claim"),
+        send_all(handle, 50, {"operator": "ann"}, signal="release"),
+    )
+    figures.fault("notes, claims and releases flooding one workflow", NOTES + 100)
+
+    async def notes() -> int:
+        state: StateView = await handle.query("state", result_type=StateView)
+        return state.notes_count
+
+    await assert_eventually(notes, lambda n: n == NOTES, within=120)
+    await assert_eventually(
+        lambda: audit_rows(db, domain, cid, "TSQ_NOTE"),
+        lambda rows: len(rows) == NOTES,
+        within=60,
+    )
+    outcome = await tsq_client.operator_cancel(domain, cid, "after the notes", operator="ann")
+    assert outcome is not None and outcome.carried_out
+    assert len(await audit_rows(db, domain, cid, "OPERATOR_CANCEL")) == 1
     assert await failed_tasks(temporal_client, handle.id) == []
 
 
