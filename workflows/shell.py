@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import MetricCounter, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 from tsq.contract import RULES, AuditEventType, DecisionKind, TsqState, workflow_id
 from tsq.converter import UndecodableInput
-from tsq.errors import InvalidInputError
+from tsq.errors import ClaimedError, InvalidInputError
 from tsq.models import (
     AuditRecord,
     CancelRequest,
@@ -96,6 +96,14 @@ def error(error_type: str, message: str) -> ApplicationError:
     return ApplicationError(message, type=error_type, non_retryable=True)
 
 
+def as_signal(err: ApplicationError) -> str:
+    """A refusal as a signal's sender reads it (in the Web UI's details): how to force, in the
+    signal's own words. (Updates answer SDK and CLI callers, which say it their own way.)"""
+    if err.type == ClaimedError.__name__:
+        return f'{err.message}: add "force": true to the input'
+    return err.message
+
+
 def no_extra(extra: tuple[Any, ...]) -> None:
     if extra:
         raise error(
@@ -119,9 +127,18 @@ def parsed(model: type[_R], raw: Any) -> _R:
         ) from None
 
 
-def count(name: str, **labels: str) -> None:
-    """Replay-safe: a replayed history counts nothing again."""
-    workflow.metric_meter().create_counter(name).add(1, labels)
+class Counters:
+    """A workflow's metrics, replay-safe (a replayed history counts nothing again): each
+    counter made once per run, since a flood counts thousands."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, MetricCounter] = {}
+
+    def __call__(self, name: str, **labels: str) -> None:
+        counter = self._made.get(name)
+        if counter is None:
+            counter = self._made[name] = workflow.metric_meter().create_counter(name)
+        counter.add(1, labels)
 
 
 def request_label(handler: str) -> str:
@@ -230,10 +247,12 @@ def audit_record(record: rules.Record, parking_id: int | None, seq: int) -> Audi
         release=record.release,
         proposal=record.proposal,
         withdraw=record.withdraw,
+        schedule=record.schedule,
+        unschedule=record.unschedule,
     )
 
 
-def refusal_record(refusal: RefusedRequest, parking_id: int | None, number: int) -> AuditRecord:
+def refusal_record(refusal: RefusedRequest, number: int, parking_id: int | None) -> AuditRecord:
     """A refused request as the audit trail keeps it: keyed by its number."""
     wid = workflow.info().workflow_id
     return AuditRecord(

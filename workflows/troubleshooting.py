@@ -124,13 +124,16 @@ class TroubleshootingWorkflow:
         self._events = carried.events
         # Records not yet in the audit trail (refused requests among them: rules' version),
         # and refusals not yet written (0.2's).
-        self._records: list[AuditRecord] = []
+        # (A refusal is queued as it came, numbered; its record is built when written: a flood
+        # of refused signals costs each handler next to nothing.)
+        self._records: list[AuditRecord | tuple[RefusedRequest, int]] = []
         self._unwritten: list[RefusedRequest] = []
         # Answers of updates whose decisions are being carried out, by request id.
         self._answers: dict[str, DecisionOutcome | ApplicationError] = {}
         self._observe = False
         self._replan = False
         self._details_due = False
+        self._count = shell.Counters()
 
     @workflow.run
     async def run(self, command: CommandSnapshot) -> DecisionOutcome:
@@ -226,7 +229,7 @@ class TroubleshootingWorkflow:
             self._publish_soon()
         if isinstance(step.accepted, Proposal):
             proposal = step.accepted
-            shell.count(
+            self._count(
                 Metric.DECISIONS, kind=proposal.decision.value, channel=proposal.via,
                 result="proposed",
             )  # fmt: skip
@@ -244,7 +247,11 @@ class TroubleshootingWorkflow:
             self._activity, self._unwritten, self._command, self._refused_count
         )
         while self._records:
-            batch = self._records[:RECORDS_PER_WRITE]
+            parking = self._life.parking_id
+            batch = [
+                shell.refusal_record(*queued, parking) if isinstance(queued, tuple) else queued
+                for queued in self._records[:RECORDS_PER_WRITE]
+            ]
             try:
                 await self._activity(
                     Activity.RECORD,
@@ -299,7 +306,7 @@ class TroubleshootingWorkflow:
                     raise
                 # Held up (database away, row locked): the workflow list shows it from now on,
                 # and the attempts go on with backoff until the database takes the decision.
-                shell.count(Metric.DECISIONS_HELD_UP, kind=pending.kind.value)
+                self._count(Metric.DECISIONS_HELD_UP, kind=pending.kind.value)
                 self._publish()
                 outcome = await self._decision(carry_out, shell.ACTIVITY_RETRY)
         except (ActivityError, ApplicationError) as err:
@@ -311,7 +318,7 @@ class TroubleshootingWorkflow:
                 # Only non-retryable errors get here: the transaction rolled back, nothing
                 # changed. (A local activity's non-retryable failure arrives unwrapped.)
                 error_type, message = shell.refusal_of(err)
-                shell.count(
+                self._count(
                     Metric.DECISIONS, kind=pending.kind.value, channel=pending.via,
                     result="refused",
                 )  # fmt: skip
@@ -321,7 +328,7 @@ class TroubleshootingWorkflow:
                 )
                 return None
         result = "carried_out" if outcome.carried_out else "decided_elsewhere"
-        shell.count(Metric.DECISIONS, kind=pending.kind.value, channel=pending.via, result=result)
+        self._count(Metric.DECISIONS, kind=pending.kind.value, channel=pending.via, result=result)
         step = rules.carried_out(self._life, outcome)
         await self._apply(step)
         if step.lost is None:
@@ -411,7 +418,7 @@ class TroubleshootingWorkflow:
             request = shell.parsed(REQUEST_MODELS[kind], raw)
             step = self._decide(kind, request, "signal", shell.new_id)
         except ApplicationError as err:
-            await self._refuse(kind.value, describe_input(raw), err.message)
+            await self._refuse(kind.value, describe_input(raw), shell.as_signal(err))
             return
         await self._apply(step)
 
@@ -421,7 +428,7 @@ class TroubleshootingWorkflow:
             request = shell.parsed(REQUEST_MODELS[kind], raw)
             self._decide(kind, request, "update", shell.no_id)
         except ApplicationError:
-            shell.count(Metric.REFUSED_REQUESTS, request=kind.value, channel="update")
+            self._count(Metric.REFUSED_REQUESTS, request=kind.value, channel="update")
             raise
 
     async def _on_update(self, kind: DecisionKind, raw: Any) -> DecisionOutcome:
@@ -486,7 +493,7 @@ class TroubleshootingWorkflow:
             request = shell.parsed(model, raw)
             step = shell.ruled(rule, self._life, request, workflow.now(), shell.new_id)
         except ApplicationError as err:
-            await self._refuse(name, describe_input(raw), err.message)
+            await self._refuse(name, describe_input(raw), shell.as_signal(err))
             return
         await self._apply(step)
 
@@ -552,8 +559,11 @@ class TroubleshootingWorkflow:
         await compat.write_refusal_01(refusal, self._command, self._refused_count)
 
     def _note_refusal(self, handler: str, received: str, problem: str) -> RefusedRequest:
-        shell.count(Metric.REFUSED_REQUESTS, request=shell.request_label(handler), channel="signal")
-        refusal = RefusedRequest(handler=handler, problem=problem, received=received)
+        self._count(Metric.REFUSED_REQUESTS, request=shell.request_label(handler), channel="signal")
+        # Built from tsq's own strings: nothing to validate, and a flood builds thousands.
+        refusal = RefusedRequest.model_construct(
+            handler=handler, problem=problem, received=received
+        )
         self._refused.append(refusal)
         self._refused_count += 1
         if self._version is Version.RULES:
@@ -567,7 +577,7 @@ class TroubleshootingWorkflow:
         return refusal
 
     def _queue_refusal(self, refusal: RefusedRequest, number: int) -> None:
-        self._records.append(shell.refusal_record(refusal, self._life.parking_id, number))
+        self._records.append((refusal, number))
 
     def _publish(self) -> None:
         # Upsert only on change: each upsert is one more history event.
