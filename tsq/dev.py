@@ -23,6 +23,8 @@ from tsq.temporal import connect
 log = logging.getLogger(__name__)
 
 DEMO_DOMAIN = "payments"
+# The waiting ids the banner names; more are counted.
+BANNER_IDS = 10
 DEMO_COMMANDS = [
     ("DebitAccount", "PERMANENT", "ACCOUNT_CLOSED", "account ACC-1042 is closed", True),
     ("DebitAccount", "TRANSIENT", "LEDGER_TIMEOUT", "ledger did not answer in 30s (3 of 3)", True),
@@ -87,10 +89,19 @@ def _banner(settings: Settings, ui_url: str | None, waiting: list[str], embedded
         f"  export PATH={Path(sys.executable).parent}:$PATH",
         f"  export TSQ_DATABASE_URL='{database}'",
         f"  export TEMPORAL_ADDRESS={settings.temporal_address}",
+        *([f"  export TSQ_WEB_UI_URL={ui_url}"] if ui_url else []),
         "",
     ]
     if waiting:
-        lines += [f"Waiting in {DEMO_DOMAIN}: {', '.join(waiting)}", ""]
+        shown = waiting[:BANNER_IDS]
+        more = f" and {len(waiting) - len(shown)} more" if len(waiting) > len(shown) else ""
+        lines += [f"Waiting in {DEMO_DOMAIN}: {', '.join(shown)}{more}", ""]
+    else:
+        lines += [
+            f"Nothing waits in {DEMO_DOMAIN} yet: `tsq dev --demo` parks four demo commands, or",
+            "park one of your own with plain SQL as the bus would (README: Operator guide).",
+            "",
+        ]
     lines.append("Cancel a command:")
     if ui_url:
         query = quote(f'CommandDomain="{DEMO_DOMAIN}" AND TsqState="AWAITING_OPERATOR"')
@@ -143,15 +154,17 @@ async def run_dev(args: argparse.Namespace, settings: Settings) -> None:
         await migrate(database_url)
         pool = await create_pool(database_url)
         try:
-            if args.demo:
+            if args.demo and not await store.has_commands(pool, DEMO_DOMAIN):
                 temporal = await connect(settings)
-                client = TroubleshootingClient(temporal, pool, task_queue=settings.task_queue)
-                if not await store.has_commands(pool, DEMO_DOMAIN):
-                    await seed_demo(client)
-            waiting = await client.waiting_ids(DEMO_DOMAIN)
+                await seed_demo(
+                    TroubleshootingClient(temporal, pool, task_queue=settings.task_queue)
+                )
+            waiting = await store.waiting_ids(
+                pool, DEMO_DOMAIN, command_type=None, error_code=None, since=None, until=None
+            )
         finally:
             await pool.close()
-        ids = [str(cid) for cid in waiting[:3]]
+        ids = [str(cid) for cid in waiting]
         print(_banner(settings, ui_url, ids, embedded_db), flush=True)
         if ui_url:
             # Notifications (TSQ_NOTIFY_URL) link to this Web UI unless told otherwise.

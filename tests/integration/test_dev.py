@@ -30,13 +30,13 @@ def _clean_env() -> dict[str, str]:
 
 
 class DevStack:
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path, log: Path, *, demo: bool) -> None:
         self.port, self.ui_port = free_port(), free_port()
         self.log = log
         with log.open("w") as out:
             self.process = subprocess.Popen(
                 [
-                    *(TSQ, "dev", "--demo", "--data-dir", str(data_dir)),
+                    *(TSQ, "dev", *(["--demo"] if demo else []), "--data-dir", str(data_dir)),
                     *("--port", str(self.port), "--ui-port", str(self.ui_port)),
                 ],
                 env=_clean_env(),
@@ -67,11 +67,21 @@ def _export(banner: str, name: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 async def test_tsq_dev_runs_decides_and_keeps_data_across_restarts(tmp_path: Path) -> None:
-    """`tsq dev --demo`: UI up, a CLI cancel works, Ctrl-C exits 0, a restart keeps everything."""
+    """Every documented start: plain `tsq dev` on a fresh folder (nothing waits, it says how to
+    get something), `tsq dev --demo` on it (UI up, a CLI cancel works, Ctrl-C exits 0), and
+    plain `tsq dev` again, which finds the same commands and workflows."""
     data_dir = tmp_path / "data"
-    first = DevStack(data_dir, tmp_path / "first.log")
+    fresh = DevStack(data_dir, tmp_path / "fresh.log", demo=False)
+    try:
+        banner = await asyncio.to_thread(fresh.wait_ready)
+        assert "Nothing waits in payments yet" in banner
+    finally:
+        code = await asyncio.to_thread(fresh.stop)
+    assert code == 0, fresh.log.read_text()[-2000:]
+
+    first = DevStack(data_dir, tmp_path / "first.log", demo=True)
     try:
         banner = await asyncio.to_thread(first.wait_ready)
         database_url = _export(banner, "TSQ_DATABASE_URL")
@@ -80,6 +90,7 @@ async def test_tsq_dev_runs_decides_and_keeps_data_across_restarts(tmp_path: Pat
         waiting = re.search(r"Waiting in payments: (.+)", banner)
         assert waiting, banner
         ids = waiting.group(1).split(", ")
+        assert len(ids) == 4, banner
         env = {**_clean_env(), "TSQ_DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address}
         done = await asyncio.to_thread(
             subprocess.run,
@@ -94,7 +105,7 @@ async def test_tsq_dev_runs_decides_and_keeps_data_across_restarts(tmp_path: Pat
         code = await asyncio.to_thread(first.stop)
     assert code == 0, first.log.read_text()[-2000:]
 
-    second = DevStack(data_dir, tmp_path / "second.log")
+    second = DevStack(data_dir, tmp_path / "second.log", demo=False)
     try:
         banner = await asyncio.to_thread(second.wait_ready)
         conn = await asyncpg.connect(_export(banner, "TSQ_DATABASE_URL"))
