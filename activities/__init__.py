@@ -16,10 +16,10 @@ from uuid import UUID
 
 import asyncpg
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from tsq import store
-from tsq.contract import Activity
+from tsq.contract import Activity, operator_key
 from tsq.errors import (
     ApprovalRequiredError,
     ClaimedError,
@@ -33,6 +33,7 @@ from tsq.models import (
     BulkOperation,
     BulkProgress,
     BulkRun,
+    BulkVerdict,
     CarryOut,
     DecisionOutcome,
     Observe,
@@ -72,7 +73,14 @@ def permanent(err: asyncpg.PostgresError) -> ApplicationError | None:
         kind = InvalidInputError
     if kind is None:
         return None
-    return ApplicationError(str(err), type=kind.__name__, non_retryable=True)
+    # Expected: an operator asked for something the rules refuse. Benign, so the SDK logs it
+    # at debug level and counts no failure; the decision's refusal is logged in one line.
+    return ApplicationError(
+        str(err),
+        type=kind.__name__,
+        non_retryable=True,
+        category=ApplicationErrorCategory.BENIGN,
+    )
 
 
 class TroubleshootingActivities:
@@ -90,6 +98,9 @@ class TroubleshootingActivities:
             refusal = permanent(err)
             if refusal is None:
                 raise
+            log.info(
+                "%s of command %s refused: %s", req.decision.value, req.command_id, one_line(err)
+            )
             raise refusal from None
         return DecisionOutcome.model_validate(result)
 
@@ -212,6 +223,14 @@ class TroubleshootingActivities:
             stopped=op.stop_requested_at is not None,
             counts=op.counts,
         )
+
+    @activity.defn(name=Activity.BULK_VERDICT)
+    async def bulk_verdict(self, req: BulkVerdict) -> BulkOperation | None:
+        """A proposed bulk operation approved, rejected or expired; None when it was no
+        longer proposed (stopped meanwhile)."""
+        key = operator_key(req.operator) if req.verdict == "approved" else None
+        row = await store.bulk_verdict(self._pool, req, operator_key=key)
+        return None if row is None else store.bulk_operation(row)
 
     @activity.defn(name=Activity.BULK_FINISH)
     async def bulk_finish(self, req: BulkFinish) -> BulkOperation:

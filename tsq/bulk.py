@@ -163,6 +163,11 @@ async def preview_many(
     previews = await client.preview_many(kind, domain, ids, fields) if ids else []
     counts: Counter[str] = Counter(p.result for p in previews)
     lines = [f"{kind.value} in {domain} (dry run, nothing written): {_commands(len(previews))}"]
+    if counts["would_propose"]:
+        lines.append(
+            f"  a policy asks approval for {_commands(counts['would_propose'])}: the operation "
+            "would be proposed as a whole, and run once another operator approves it"
+        )
     lines += [
         f"  {label:<56} {counts[result]:>6}"
         for result, label in _PREVIEW_LABELS.items()
@@ -263,7 +268,19 @@ async def _started(
     as_json: bool,
     stop: asyncio.Event,
 ) -> BulkOperation | None:
-    """Say the operation started; follow it to its end unless told not to (None)."""
+    """Say the operation started; follow it to its end unless told not to (None), or it
+    waits for another operator's approval (None)."""
+    if op.status == "proposed":
+        print(
+            f"bulk operation {op.bulk_id} proposed: {kind.value} of {_commands(op.total)} in "
+            f"{op.domain}; a policy asks another operator's approval for "
+            f"{_commands(op.needing_approval)} of them, so the operation waits, as a whole, "
+            f"until {render.when(op.approval_expires_at)} for another operator to approve it: "
+            f"`tsq bulk approve {op.bulk_id}` (or `tsq bulk reject {op.bulk_id} --reason ...`)",
+            file=sys.stderr,
+        )
+        print(op.model_dump_json() if as_json else op.bulk_id)
+        return None
     print(
         f"bulk operation {op.bulk_id} started: {kind.value} of {_commands(op.total)} in "
         f"{op.domain} (`tsq bulk status {op.bulk_id}`)",

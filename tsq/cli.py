@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -13,15 +14,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 from temporalio.service import RPCError
 
 from tsq import bulk, render
-from tsq.client import TroubleshootingClient
+from tsq.client import TroubleshootingClient, policy_input
 from tsq.contract import DECISIONS, DecisionKind
 from tsq.durations import parse_duration
-from tsq.errors import CommandLineError, InvalidInputError, TroubleshootingError
+from tsq.errors import ClaimedError, CommandLineError, InvalidInputError, TroubleshootingError
 from tsq.settings import Settings
 
 EXIT_FAILURE = 1
@@ -201,15 +203,19 @@ async def _sync(args: argparse.Namespace, settings: Settings) -> None:
 
 async def _list(args: argparse.Namespace, settings: Settings) -> None:
     filters = _filters(args)
-    async with await TroubleshootingClient.connect(settings) as client:
+    async with await TroubleshootingClient.connect(settings, reading=True) as client:
         items = await client.list_troubleshooting(
             args.domain, **filters, limit=args.limit, offset=args.offset
         )
+        unknown_domain = not items and await client.unknown_domain(args.domain)
+    _say_without_temporal(client)
     if args.json:
         print(json.dumps([item.model_dump(mode="json") for item in items]))
         return
     if not items:
         print(f"no command in the troubleshooting queue of {args.domain} matches")
+        if unknown_domain:
+            print(unknown_domain, file=sys.stderr)
         return
     print(render.item_table(items))
     more = (
@@ -224,9 +230,20 @@ async def _list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> None:
-    async with await TroubleshootingClient.connect(settings) as client:
+    async with await TroubleshootingClient.connect(settings, reading=True) as client:
         details = await client.show(args.domain, args.command_id)
-    print(details.model_dump_json() if args.json else render.command_details(details))
+    _say_without_temporal(client)
+    if args.json:
+        print(details.model_dump_json())
+        return
+    print(render.command_details(details))
+    ui = os.environ.get("TSQ_WEB_UI_URL", "").rstrip("/")
+    if ui and details.run_id:
+        # Straight to the tab an operator needs: the details, with the JSON to paste.
+        print(
+            f"\nWeb UI: {ui}/namespaces/{settings.temporal_namespace}/workflows/"
+            f"{quote(details.workflow_id, safe='')}/{details.run_id}/user-metadata"
+        )
 
 
 async def _snooze(args: argparse.Namespace, settings: Settings) -> None:
@@ -249,23 +266,29 @@ async def _unschedule(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _policy(args: argparse.Namespace, settings: Settings) -> None:
-    async with await TroubleshootingClient.connect(settings) as client:
+    async with await TroubleshootingClient.connect(settings, reading=True) as client:
         if args.action == "set":
+            given: dict[str, Any] = {
+                "escalate_after": args.escalate_after,
+                "expire_after": args.expire_after,
+                "expire_decision": args.expire_decision,
+                "reason": args.reason,
+                "result_data": _result_data(args.result_data),
+                "require_approval": (args.require_approval or "").split(",")
+                if args.require_approval
+                else (),
+                "approval_expires_after": args.approval_expires,
+            }
+            policy_input(args.name, **given)  # a bad policy is refused before anything else
+            if not args.force and (unknown := await client.unknown_domain(args.domain)):
+                raise InvalidInputError(f"{unknown}; to set the policy anyway, pass --force")
             policy = await client.set_policy(
                 args.domain,
                 args.name,
                 command_type=args.type,
                 error_code=args.error_code,
-                escalate_after=args.escalate_after,
-                expire_after=args.expire_after,
-                expire_decision=args.expire_decision,
-                reason=args.reason,
-                result_data=_result_data(args.result_data),
-                require_approval=(args.require_approval or "").split(",")
-                if args.require_approval
-                else (),
-                approval_expires_after=args.approval_expires,
                 operator=args.operator,
+                **given,
             )
             print(policy.model_dump_json() if args.json else render.policy(policy))
         elif args.action == "list":
@@ -285,13 +308,16 @@ async def _policy(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _groups(args: argparse.Namespace, settings: Settings) -> None:
-    async with await TroubleshootingClient.connect(settings) as client:
+    async with await TroubleshootingClient.connect(settings, reading=True) as client:
         groups = await client.groups(args.domain)
+        unknown_domain = not groups and await client.unknown_domain(args.domain)
     if args.json:
         print(json.dumps([group.model_dump(mode="json") for group in groups]))
         return
     if not groups:
         print(f"nothing waits in the troubleshooting queue of {args.domain}")
+        if unknown_domain:
+            print(unknown_domain, file=sys.stderr)
         return
     print(render.group_table(groups, datetime.now(UTC)))
     print(
@@ -301,7 +327,7 @@ async def _groups(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _audit(args: argparse.Namespace, settings: Settings) -> None:
-    async with await TroubleshootingClient.connect(settings) as client:
+    async with await TroubleshootingClient.connect(settings, reading=True) as client:
         events = await client.get_audit_trail(args.domain, args.command_id)
     if args.json:
         print(json.dumps([event.model_dump(mode="json") for event in events]))
@@ -309,6 +335,16 @@ async def _audit(args: argparse.Namespace, settings: Settings) -> None:
         print(render.audit_table(events))
     else:
         print(f"no audit events for command {args.command_id}")
+
+
+def _say_without_temporal(client: TroubleshootingClient) -> None:
+    """A read made while Temporal is away says so once, on stderr: what it shows is only what
+    PostgreSQL holds."""
+    if client.temporal_problem:
+        print(
+            f"note: the workflows' states are unknown (STATE ?): {client.temporal_problem}",
+            file=sys.stderr,
+        )
 
 
 def _decision_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -444,9 +480,17 @@ async def _people(args: argparse.Namespace, settings: Settings) -> None:
     """note, claim, release."""
     async with await TroubleshootingClient.connect(settings) as client:
         if args.command == "note":
-            state = await client.note(
+            noted = await client.note(
                 args.domain, args.command_id, args.text, operator=args.operator
             )
+            if noted is None:
+                print(
+                    json.dumps({"command_id": args.command_id, "noted_in": "audit trail"})
+                    if args.json
+                    else f"{args.command_id}: note added to the audit trail (it is decided)"
+                )
+                return
+            state = noted
             done = f"note added ({state.notes_count} in all)"
         elif args.command == "claim":
             state = await client.claim(
@@ -554,7 +598,7 @@ def _decision_parser(
 
 async def _bulk(args: argparse.Namespace, settings: Settings) -> None:
     """bulk status|list|stop."""
-    async with await TroubleshootingClient.connect(settings) as client:
+    async with await TroubleshootingClient.connect(settings, reading=True) as client:
         if args.action == "list":
             ops = await client.bulk_operations(args.domain, limit=args.limit)
             if args.json:
@@ -564,6 +608,12 @@ async def _bulk(args: argparse.Namespace, settings: Settings) -> None:
             return
         if args.action == "stop":
             op = await client.stop_bulk(args.bulk_id, operator=args.operator)
+        elif args.action == "approve":
+            op = await client.approve_bulk(
+                args.bulk_id, operator=args.operator, comment=args.comment
+            )
+        elif args.action == "reject":
+            op = await client.reject_bulk(args.bulk_id, args.reason, operator=args.operator)
         else:
             op = await client.bulk(args.bulk_id)
         items = await client.bulk_items(op.bulk_id) if args.json and args.action == "status" else []
@@ -598,6 +648,22 @@ def _bulk_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--operator", default=_default_operator(), help="who stops it (default: your user name)"
     )
     a.add_argument("--json", action="store_true", help="as JSON")
+    a = actions.add_parser(
+        "approve",
+        help="approve a bulk operation proposed under four eyes (not your own): it runs",
+    )
+    a.add_argument("bulk_id")
+    a.add_argument("--comment", help="kept in the audit")
+    a = actions.add_parser(
+        "reject", help="reject a bulk operation proposed under four eyes: nothing is decided"
+    )
+    a.add_argument("bulk_id")
+    a.add_argument("--reason", required=True, help="why (kept in the audit)")
+    for name in ("approve", "reject"):
+        actions.choices[name].add_argument(
+            "--operator", default=_default_operator(), help="who (default: your user name)"
+        )
+        actions.choices[name].add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(run=_bulk)
 
 
@@ -631,6 +697,11 @@ def _policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     s.add_argument(
         "--approval-expires", metavar="DUR", help="how long a proposal waits (default 24h)"
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="set it although the bus has never had a command of the domain (a typo is refused)",
     )
     for name in ("list", "show", "delete"):
         a = actions.add_parser(name, help=f"{name} {'policies' if name == 'list' else 'a policy'}")
@@ -830,6 +901,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except bulk.Interrupted as err:
         print(f"tsq {args.command}: {err}", file=sys.stderr)
         return 130
+    except ClaimedError as err:
+        print(f"tsq {args.command}: {err}: pass --force", file=sys.stderr)
+        return EXIT_FAILURE
     except TroubleshootingError as err:
         print(f"tsq {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILURE
@@ -839,6 +913,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except asyncpg.PostgresError as err:
         print(f"tsq {args.command}: PostgreSQL refused: {render.one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader went away (`tsq ... | head`): what it wanted, it has.
+        return 0
     except (OSError, RuntimeError, TimeoutError, asyncpg.InterfaceError) as err:
         print(f"tsq {args.command}: {type(err).__name__}: {render.one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
@@ -852,8 +929,9 @@ def entry() -> None:
     ("PyGILState_Release"); the exit code must be the one `main` chose.
     """
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError):
+            stream.flush()
     os._exit(code)
 
 

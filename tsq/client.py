@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import re
 import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from uuid import UUID, uuid4
@@ -48,7 +49,7 @@ from tsq.contract import (
     keyword,
     workflow_id,
 )
-from tsq.db import create_pool
+from tsq.db import check_schema, create_pool
 from tsq.durations import LONGEST, parse_duration
 from tsq.errors import (
     ERROR_TYPES,
@@ -59,11 +60,13 @@ from tsq.errors import (
     NotFoundError,
     StaleParkingError,
     TroubleshootingError,
+    UnavailableError,
 )
 from tsq.models import (
     CLAIM_LASTS,
     REQUEST_MODELS,
     ApproveRequest,
+    BulkApproval,
     BulkItem,
     BulkOperation,
     BulkStart,
@@ -98,6 +101,9 @@ from tsq.workflows.details import render_static_details, render_summary
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
+
+# `TroubleshootingItem.state` of a parked command no workflow runs for.
+NO_WORKFLOW = "NO_WORKFLOW"
 
 TSQ = CommandStatus.IN_TROUBLESHOOTING_QUEUE
 MAX_PAGE = 1000
@@ -197,6 +203,10 @@ def start_metadata(snapshot: CommandSnapshot) -> dict[str, Any]:
     }
 
 
+def render_when(at: datetime | None) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if at else "an unknown time"
+
+
 def _item(row: asyncpg.Record) -> TroubleshootingItem:
     return TroubleshootingItem(
         domain=row["domain"],
@@ -215,6 +225,10 @@ def _item(row: asyncpg.Record) -> TroubleshootingItem:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         payload=row["payload"],
+        claimed_by=row.get("claimed_by"),
+        claimed_until=row.get("claimed_until"),
+        proposal=row.get("proposal"),
+        retry_at=row.get("retry_at"),
     )
 
 
@@ -388,24 +402,56 @@ class TroubleshootingClient:
 
     def __init__(
         self,
-        temporal: Client,
+        temporal: Client | None,
         pool: asyncpg.Pool,
         *,
         task_queue: str,
         owns_pool: bool = False,
+        temporal_problem: str | None = None,
     ) -> None:
-        self.temporal = temporal
+        self._temporal = temporal
         self.pool = pool
         self.task_queue = task_queue
         self._owns_pool = owns_pool
+        # Why there is no Temporal client (connected with `reading`, Temporal away).
+        self.temporal_problem = temporal_problem
+
+    @property
+    def temporal(self) -> Client:
+        """The Temporal client; `UnavailableError`, saying why, when Temporal could not be
+        reached (a client connected with `reading` still reads what PostgreSQL holds)."""
+        if self._temporal is None:
+            raise UnavailableError(self.temporal_problem or "Temporal is not connected")
+        return self._temporal
 
     @classmethod
-    async def connect(cls, settings: Settings | None = None) -> Self:
-        """Connect to the database and Temporal named by `settings` (default: the environment)."""
+    async def connect(cls, settings: Settings | None = None, *, reading: bool = False) -> Self:
+        """Connect to the database and Temporal named by `settings` (default: the environment).
+
+        Each service that cannot be reached raises `UnavailableError` naming it, the setting and
+        the likely fix. With `reading`, Temporal away is not an error: what PostgreSQL holds
+        (the queue, groups, audit trails, claims, proposals, retries scheduled) is still read,
+        and what only the workflows know is given as unknown, with `temporal_problem` saying
+        why; deciding then raises `UnavailableError`.
+        """
         settings = settings or Settings.from_env()
-        pool = await create_pool(settings.require_database_url())
+        dsn = settings.require_database_url()
+        pool = await create_pool(dsn)
         try:
-            temporal = await connect(settings)
+            await check_schema(pool, dsn)
+            try:
+                temporal = await connect(settings)
+            except UnavailableError as err:
+                if not reading:
+                    raise
+                log.info("reading without Temporal: %s", err)
+                return cls(
+                    None,
+                    pool,
+                    task_queue=settings.task_queue,
+                    owns_pool=True,
+                    temporal_problem=str(err),
+                )
         except BaseException:
             await pool.close()
             raise
@@ -658,13 +704,27 @@ class TroubleshootingClient:
 
     async def note(
         self, domain: str, command_id: str | UUID, text: str, *, operator: str | None = None
-    ) -> StateView:
-        """Leave a note on a waiting command: shown in `show`, the details and the state,
-        audited as TSQ_NOTE."""
+    ) -> StateView | None:
+        """Leave a note on a command, audited as TSQ_NOTE. On a waiting command it goes to its
+        workflow (shown in `show`, the details and the state, which is returned); on one that
+        is decided (a post-mortem: what was found, what was done), straight to the audit
+        trail, and None is returned."""
+        domain, cid = _domain(domain), _command_uuid(command_id)
         request = {"text": text, "operator": operator}
-        return await self._message(
-            "operator_note", NoteRequest, domain, command_id, request, StateView
-        )
+        try:
+            NoteRequest.model_validate(request)
+        except ValidationError as err:
+            raise _input_error(err) from None
+        row = await self._command(domain, cid)
+        if row["status"] == TSQ:
+            try:
+                return await self._message(
+                    "operator_note", NoteRequest, domain, cid, request, StateView
+                )
+            except AlreadyDecidedError:
+                row = await self._command(domain, cid)  # decided meanwhile
+        await store.note_after(self.pool, domain, cid, text, operator, status=row["status"])
+        return None
 
     async def claim(
         self,
@@ -867,7 +927,12 @@ class TroubleshootingClient:
         in the database; the operation's workflow (`tsq-bulk:<id>`) decides it in chunks, each
         one transaction, at most `rate` decisions per second if given, and each command's
         workflow ends with its outcome. Returns the operation as started: `bulk()` follows
-        it, `wait_bulk()` waits for its end, `stop_bulk()` stops it."""
+        it, `wait_bulk()` waits for its end, `stop_bulk()` stops it.
+
+        Where a policy asks approval for the decision of any command selected, the operation
+        as a whole is a proposal (status `proposed`, `needing_approval` counts those commands)
+        until another operator calls `approve_bulk` (then it runs, each command decided as
+        approved by them), `reject_bulk`, or its approval time runs out."""
         kind = DecisionKind(kind)
         domain = _domain(domain)
         if not operator or not operator.strip():
@@ -925,7 +990,13 @@ class TroubleshootingClient:
             await self.temporal.start_workflow(
                 BULK_WORKFLOW_TYPE,
                 BulkStart(
-                    bulk_id=bulk_id, domain=domain, decision=kind, total=started.total, rate=rate
+                    bulk_id=bulk_id,
+                    domain=domain,
+                    decision=kind,
+                    total=started.total,
+                    rate=rate,
+                    operator=operator,
+                    approval_expires_at=started.approval_expires_at,
                 ),
                 id=bulk_workflow_id(bulk_id),
                 task_queue=self.task_queue,
@@ -941,6 +1012,44 @@ class TroubleshootingClient:
             await store.bulk_finish(self.pool, bulk_id)
             raise
         return started
+
+    async def approve_bulk(
+        self, bulk_id: str | UUID, *, operator: str, comment: str | None = None
+    ) -> BulkOperation:
+        """Approve a bulk operation proposed under four eyes (by an operator other than the
+        one who started it): it runs. Returns the operation as approved. Audited as
+        TSQ_APPROVED under the operation's id, and on each command it decides."""
+        return await self._bulk_verdict("approve", bulk_id, operator, comment=comment)
+
+    async def reject_bulk(
+        self, bulk_id: str | UUID, reason: str, *, operator: str
+    ) -> BulkOperation:
+        """Reject a bulk operation proposed under four eyes: nothing of it is decided.
+        Audited as TSQ_REJECTED under the operation's id."""
+        return await self._bulk_verdict("reject", bulk_id, operator, reason=reason)
+
+    async def _bulk_verdict(
+        self, update: str, bulk_id: str | UUID, operator: str, **text: str | None
+    ) -> BulkOperation:
+        bid = _bulk_uuid(bulk_id)
+        request = {"operator": operator, **{k: v for k, v in text.items() if v is not None}}
+        try:
+            BulkApproval.model_validate(request)
+        except ValidationError as err:
+            raise _input_error(err) from None
+        op = await self.bulk(bid)
+        if op.status != "proposed":
+            raise InvalidOperationError(
+                f"bulk operation {bid} is {op.status}: only a proposed one is approved or rejected"
+            )
+        handle = self.temporal.get_workflow_handle(bulk_workflow_id(bid))
+        try:
+            decided: BulkOperation = await handle.execute_update(
+                update, request, result_type=BulkOperation
+            )
+        except WorkflowUpdateFailedError as err:
+            raise _from_update_failure(err) from None
+        return decided
 
     async def bulk(self, bulk_id: str | UUID) -> BulkOperation:
         """A bulk operation as it stands: its counts per result, what remains, its status."""
@@ -964,7 +1073,8 @@ class TroubleshootingClient:
         return [BulkItem.model_validate(dict(row)) for row in rows]
 
     async def wait_bulk(self, bulk_id: str | UUID) -> BulkOperation:
-        """Until the bulk operation has ended (finished or stopped); then as it ended."""
+        """Until the bulk operation has ended (finished, stopped; a proposal rejected or
+        expired); then as it ended."""
         bid = _bulk_uuid(bulk_id)
         await self.temporal.get_workflow_handle(bulk_workflow_id(bid)).result()
         return await self.bulk(bid)
@@ -976,8 +1086,19 @@ class TroubleshootingClient:
         bid = _bulk_uuid(bulk_id)
         if not operator or not operator.strip():
             raise InvalidInputError("stopping a bulk operation names its operator")
-        if await store.bulk_stop(self.pool, bid, operator) is None:
+        stopped = await store.bulk_stop(self.pool, bid, operator)
+        if stopped is None:
             raise NotFoundError(f"no bulk operation {bulk_id}")
+        if not stopped["stopping"]:
+            ended = stopped["finished_at"]
+            raise InvalidOperationError(
+                f"bulk operation {bid} had already {stopped['status']}"
+                + (f" at {render_when(ended)}" if ended else "")
+                + ": nothing to stop, nothing recorded"
+            )
+        if self._temporal is None:
+            # Committed: no chunk decides anything more; its workflow ends once a worker runs.
+            return await self.bulk(bid)
         handle = self.temporal.get_workflow_handle(bulk_workflow_id(bid))
         try:
             await handle.signal("stop", {"operator": operator})
@@ -1067,7 +1188,10 @@ class TroubleshootingClient:
         limit: int = 50,
         offset: int = 0,
     ) -> list[TroubleshootingItem]:
-        """Commands waiting in the troubleshooting queue, newest first, with their payload.
+        """Commands waiting in the troubleshooting queue, newest first, with their payload,
+        who claimed them, a decision awaiting approval, a retry scheduled (from PostgreSQL),
+        and their workflow's `TsqState` (from Temporal's list; None when Temporal is away,
+        see `temporal_problem`, or `NO_WORKFLOW` when none runs for the command).
 
         `since`/`until` bound the time the command last changed (when it was parked).
         """
@@ -1085,7 +1209,34 @@ class TroubleshootingClient:
             limit=limit,
             offset=offset,
         )
-        return [_item(row) for row in rows]
+        items = [_item(row) for row in rows]
+        states = await self._workflow_states(domain, [item.command_id for item in items])
+        if states is None:
+            return items
+        return [
+            item.model_copy(update={"state": states.get(item.command_id, NO_WORKFLOW)})
+            for item in items
+        ]
+
+    async def _workflow_states(self, domain: str, ids: Sequence[UUID]) -> dict[UUID, str] | None:
+        """The `TsqState` of each command's running workflow, from one list query; None when
+        Temporal cannot be asked."""
+        if self._temporal is None or not ids:
+            return None if self._temporal is None else {}
+        by_id = {workflow_id(domain, cid): cid for cid in ids}
+        query = " OR ".join(f'WorkflowId = "{wid}"' for wid in by_id)
+        states: dict[UUID, str] = {}
+        try:
+            async for run in self._temporal.list_workflows(
+                f"({query}) AND ExecutionStatus = 'Running'"
+            ):
+                state = run.typed_search_attributes.get(TSQ_STATE)
+                if run.id in by_id and state is not None:
+                    states[by_id[run.id]] = state
+        except RPCError as err:
+            self.temporal_problem = f"Temporal's list could not be read: {err.message}"
+            return None
+        return states
 
     async def waiting_ids(
         self,
@@ -1131,6 +1282,21 @@ class TroubleshootingClient:
             for row in rows
         ]
 
+    async def unknown_domain(self, domain: str) -> str | None:
+        """None if the bus has (had) commands of `domain`; else a message naming it unknown, and
+        the known domains it is closest to (a typo, most likely)."""
+        domain = _domain(domain)
+        if await store.has_commands(self.pool, domain):
+            return None
+        known = await store.domains(self.pool)
+        close = difflib.get_close_matches(domain, known, n=3, cutoff=0.6)
+        hint = (
+            f"; did you mean {' or '.join(close)}?"
+            if close
+            else (f"; known domains: {', '.join(known[:10])}" if known else "")
+        )
+        return f"domain {domain} is unknown: the bus has no command of it{hint}"
+
     async def get_audit_trail(self, domain: str, command_id: str | UUID) -> list[AuditEvent]:
         """Every audit event of a command, oldest first."""
         domain, cid = _domain(domain), _command_uuid(command_id)
@@ -1152,25 +1318,50 @@ class TroubleshootingClient:
         if row is None:
             raise CommandNotFoundError(f"command {cid} not found in domain {domain}")
         wid = workflow_id(domain, cid)
-        state: StateView | None = None
-        note: str | None = None
-        try:
-            state = await self.temporal.get_workflow_handle(wid).query(
-                "state", result_type=StateView, rpc_timeout=QUERY_TIMEOUT
-            )
-        except RPCError as err:
-            note = (
-                "no workflow (run `tsq sync` to start one)"
-                if err.status == RPCStatusCode.NOT_FOUND
-                else f"workflow state unavailable: {err.message}"
-            )
+        state, note, run_id = await self._workflow_view(wid, parked=row["status"] == TSQ)
         return CommandDetails(
             command=_item(row),
             workflow_id=wid,
+            run_id=run_id,
             workflow=state,
             workflow_note=note,
             audit=await self.get_audit_trail(domain, cid),
         )
+
+    async def _workflow_view(
+        self, wid: str, *, parked: bool
+    ) -> tuple[StateView | None, str | None, str | None]:
+        """A workflow's `state` and latest run, or why there is none to show: Temporal away,
+        no workflow, or (for a command still parked) a last run that ended undecided."""
+        if self._temporal is None:
+            return None, f"workflow state unknown: {self.temporal_problem}", None
+        handle = self._temporal.get_workflow_handle(wid)
+        run_id: str | None = None
+        try:
+            described = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
+            run_id = described.run_id
+            if parked and described.status != WorkflowExecutionStatus.RUNNING:
+                status = described.status.name if described.status else "closed"
+                return (
+                    None,
+                    (
+                        f"no workflow runs for this command: its last run is {status} since "
+                        f"{render_when(described.close_time)} without having decided it. The "
+                        "watcher's sweep starts a new one (every TSQ_SWEEP_INTERVAL, 5 min by "
+                        "default), or now: `tsq sync <domain>`"
+                    ),
+                    run_id,
+                )
+            state = await handle.query("state", result_type=StateView, rpc_timeout=QUERY_TIMEOUT)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return (
+                    None,
+                    "no workflow yet (the watcher starts one; now: `tsq sync <domain>`)",
+                    None,
+                )
+            return None, f"workflow state unavailable: {err.message}", run_id
+        return state, None, run_id
 
     # -- entering the troubleshooting queue ------------------------------------------------------
 

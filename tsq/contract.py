@@ -255,6 +255,7 @@ class Activity(StrEnum):
     BULK_RUN = "tsq.bulk_run"
     BULK_PROGRESS = "tsq.bulk_progress"
     BULK_FINISH = "tsq.bulk_finish"
+    BULK_VERDICT = "tsq.bulk_verdict"
 
 
 # What each item of a bulk operation came to, in the order its summary lists them: carried

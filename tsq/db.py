@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from importlib.resources import files
+from urllib.parse import urlsplit
 
 import asyncpg
 
-from tsq.errors import InvalidOperationError
+from tsq.errors import InvalidOperationError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +30,78 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     back an unfinished transaction. asyncpg's default reset would cost a round trip per use."""
 
 
+SETTING = "TSQ_DATABASE_URL (or DATABASE_URL)"
+CONNECT_TIMEOUT_S = 10.0
+
+
+def where(dsn: str) -> str:
+    """The server and database a URL names, for messages: never its user's password."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or "the local socket"
+    port = f":{parts.port}" if parts.port else ""
+    database = parts.path.lstrip("/") or parts.username or "postgres"
+    return f"PostgreSQL at {host}{port}, database {database}"
+
+
+def explain(dsn: str, err: BaseException) -> UnavailableError:
+    """What a failed connection means, for the operator: the service, the setting, the fix."""
+    at = where(dsn)
+    user = urlsplit(dsn).username or "the default user"
+    if isinstance(
+        err, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        why = (
+            f"refused user {user} ({type(err).__name__}): check the user and password in {SETTING}"
+        )
+    elif isinstance(err, asyncpg.InvalidCatalogNameError):
+        why = f"has no such database: check the database in {SETTING}, or create it"
+    elif isinstance(err, socket.gaierror):
+        why = f"is a host name that does not resolve: check {SETTING}"
+    elif isinstance(err, ConnectionRefusedError):
+        why = f"refused the connection: is PostgreSQL running there? Check {SETTING}"
+    elif isinstance(err, TimeoutError):
+        why = f"did not answer within {CONNECT_TIMEOUT_S:g}s: is {SETTING} right?"
+    else:
+        why = f"could not be reached ({type(err).__name__}: {err}); check {SETTING}"
+    return UnavailableError(f"{at} {why}")
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections read and write json/jsonb as Python objects."""
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        init=_init_connection,
-        reset=_keep_session,
-    )
+    """A pool whose connections read and write json/jsonb as Python objects. A server that
+    cannot be reached raises `UnavailableError` saying which, by which setting, and why."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            reset=_keep_session,
+            timeout=CONNECT_TIMEOUT_S,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError) as err:
+        raise explain(dsn, err) from None
     assert pool is not None
     return pool
+
+
+async def check_schema(pool: asyncpg.Pool, dsn: str) -> None:
+    """That the database holds the bus's tables and tsq's schema, migrated to this version:
+    else `UnavailableError` saying what to do (`tsq migrate`, or another database)."""
+    bus = await pool.fetchval("SELECT to_regclass('commandbus.command') IS NOT NULL")
+    has_tsq = await pool.fetchval("SELECT to_regclass('tsq.migration') IS NOT NULL")
+    if not bus or not has_tsq:
+        missing = "command bus tables (commandbus.command)" if not bus else "tsq schema"
+        raise UnavailableError(
+            f"{where(dsn)} has no {missing}: run `tsq migrate` there, or point {SETTING} at "
+            "the command bus's database"
+        )
+    applied = {r["name"] for r in await pool.fetch("SELECT name FROM tsq.migration")}
+    pending = [name for name in MIGRATIONS if name not in applied]
+    if pending:
+        raise UnavailableError(
+            f"{where(dsn)} is not migrated to this tsq ({', '.join(pending)} missing): run "
+            "`tsq migrate` as the schema owner"
+        )
 
 
 # Applied in this order, each once, recorded in tsq.migration; never edited once released.
@@ -49,6 +112,8 @@ MIGRATIONS = (
     "004_policies.sql",
     "005_bulk.sql",
     "006_rules.sql",
+    "007_holds.sql",
+    "008_bulk_approval.sql",
 )
 
 _BOOTSTRAP = """

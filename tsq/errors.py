@@ -46,6 +46,11 @@ class InvalidInputError(TroubleshootingError, ValueError):
     """An argument is malformed (blank reason, id that is not a UUID, bad queue name, ...)."""
 
 
+class UnavailableError(TroubleshootingError):
+    """A service tsq needs (PostgreSQL, Temporal) cannot be reached, or is not what tsq needs
+    there: the message names the service, the setting it was found by and the likely fix."""
+
+
 class CommandLineError(TroubleshootingError):
     """The command line stopped on purpose: not confirmed, or commands left undecided."""
 
@@ -63,5 +68,6 @@ ERROR_TYPES: dict[str, type[TroubleshootingError]] = {
         ApprovalRequiredError,
         StaleParkingError,
         InvalidInputError,
+        UnavailableError,
     )
 }

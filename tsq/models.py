@@ -557,6 +557,8 @@ class AuditRecord(_Model):
     release: bool = False
     proposal: Proposal | None = None
     withdraw: bool = False
+    schedule: ScheduledRetry | None = None
+    unschedule: bool = False
 
 
 class AuditRecords(_Model):
@@ -608,13 +610,36 @@ class Observed(_Model):
 
 
 class BulkStart(_Model):
-    """Input of a bulk operation's workflow; its selection and request are in `tsq.bulk`."""
+    """Input of a bulk operation's workflow; its selection and request are in `tsq.bulk`.
+    Under four eyes (`approval_expires_at` set), it waits for another operator than
+    `operator` to approve (or reject) it, until then."""
 
     bulk_id: UUID
     domain: Domain
     decision: DecisionKind
     total: int
     rate: float | None = Field(default=None, gt=0, description="Decisions per second at most")
+    operator: str | None = None
+    approval_expires_at: datetime | None = None
+
+
+class BulkApproval(_Model):
+    """Input of a bulk operation's `approve` and `reject` updates: another operator than the
+    one who started it; a rejection says why."""
+
+    operator: NamedOperator
+    comment: Reason | None = None
+    reason: Reason | None = None
+
+
+class BulkVerdict(_Model):
+    """Input of the activity that ends a bulk proposal: approved (it runs), rejected, or
+    expired."""
+
+    bulk_id: UUID
+    verdict: Literal["approved", "rejected", "expired"]
+    operator: str | None = None
+    text: str | None = None
 
 
 class BulkRun(_Model):
@@ -652,12 +677,23 @@ class BulkOperation(_Model):
     total: int
     rate: float | None
     counts: dict[str, int]
-    status: Literal["running", "stopped", "finished"]
+    status: Literal["proposed", "running", "stopped", "finished", "rejected", "expired"]
     created_at: datetime
     stop_requested_by: str | None
     stop_requested_at: datetime | None
     last_effect_at: datetime | None
     finished_at: datetime | None
+    operator_key: str | None = None
+    needing_approval: int = Field(
+        default=0, description="Commands of the selection a policy asks approval for"
+    )
+    approval_expires_at: datetime | None = None
+    approved_by: str | None = None
+    approved_by_key: str | None = None
+    approved_at: datetime | None = None
+    approval_comment: str | None = None
+    rejected_by: str | None = None
+    rejection_reason: str | None = None
 
     @property
     def carried_out(self) -> int:

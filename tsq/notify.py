@@ -142,6 +142,9 @@ class Notifier:
             due = await store.due_notices(conn, self.config.window)
             now = datetime.now(UTC)
             for group in due:
+                if group["waiting"] == 0:
+                    # Every command of it was decided meanwhile: nothing to tell anyone.
+                    continue
                 key, body = digest_message(self.config, group, now)
                 await store.add_notice(conn, key, body)
         return len(due)

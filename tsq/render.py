@@ -29,17 +29,20 @@ def one_line(err: BaseException) -> str:
 
 
 def item_table(items: Sequence[TroubleshootingItem]) -> str:
+    """Each waiting command with where it stands: its workflow's state (`?` when Temporal
+    could not be asked), who claimed it, a decision awaiting approval, a retry scheduled."""
     return _table(
-        ["COMMAND_ID", "TYPE", "ATTEMPTS", "ERROR", "MESSAGE", "PARKED AT", "REPLY TO"],
+        ["COMMAND_ID", "TYPE", "ERROR", "PARKED AT", "STATE", "CLAIMED BY", "PROPOSED", "RETRY AT"],
         [
             [
                 str(item.command_id),
-                item.command_type,
-                f"{item.attempts}/{item.max_attempts if item.max_attempts is not None else '-'}",
-                item.last_error.code or item.last_error.type or "",
-                clip(item.last_error.message, 40),
+                clip(item.command_type, 24),
+                clip(item.last_error.code or item.last_error.type or "", 24),
                 when(item.updated_at),
-                item.reply_to or "",
+                item.state or "?",
+                clip(item.claimed_by, 20) or "-",
+                clip(item.proposal, 30) or "-",
+                when(item.retry_at) or "-",
             ]
             for item in items
         ],
@@ -165,8 +168,21 @@ def command_details(details: CommandDetails) -> str:
     lines += ["", f"workflow {details.workflow_id}"]
     if state is None:
         lines.append(f"  {details.workflow_note or 'state unavailable'}")
+        # What the database holds of the command's claim, proposal and scheduled retry.
+        held = [
+            (name, value)
+            for name, value in (
+                ("claimed", command.claimed_by and f"by {command.claimed_by} until "
+                 f"{when(command.claimed_until)}"),
+                ("proposal", command.proposal and f"{command.proposal}, awaits approval"),
+                ("retry at", command.retry_at and when(command.retry_at)),
+            )
+            if value
+        ]  # fmt: skip
+        lines += [_field(name, value) for name, value in held]
     else:
         lines.append(_field("state", state.state.value))
+        lines += _time(state)
         if state.decision is not None:
             by = f" by {state.decided_by}" if state.decided_by else ""
             lines.append(
@@ -200,6 +216,35 @@ def command_details(details: CommandDetails) -> str:
     lines += ["", "audit"]
     lines += _indented(audit_table(details.audit)) if details.audit else ["  (no events)"]
     return "\n".join(lines)
+
+
+def _time(state: StateView) -> list[str]:
+    """The policy the command follows, its deadlines, and what holds one back."""
+    lines = []
+    if state.policy is not None:
+        approval = ", ".join(kind.value for kind in state.require_approval)
+        lines.append(
+            _field("policy", state.policy + (f" (approval for: {approval})" if approval else ""))
+        )
+    if state.escalate_at is not None:
+        escalated = " (escalated)" if state.escalated else ""
+        lines.append(_field("escalates", f"at {when(state.escalate_at)}{escalated}"))
+    if state.expire_at is not None and state.expire_decision is not None:
+        kind = state.expire_decision.value
+        if state.expiry_given_up:
+            lines.append(_field("expires", f"{kind} at {when(state.expire_at)}: given up"))
+        else:
+            lines.append(_field("expires", f"{kind} at {when(state.expire_at)}"))
+    if state.snoozed:
+        lines.append(_field("snoozed", format_duration(state.snoozed) + " in all"))
+    if state.retry_scheduled_for is not None:
+        by = f" by {state.retry_scheduled_by}" if state.retry_scheduled_by else ""
+        lines.append(_field("retry at", f"{when(state.retry_scheduled_for)}{by}"))
+    lines += [
+        _field("deferred", f"the {deadline}, held by the {why}")
+        for deadline, why in state.deferred.items()
+    ]
+    return lines
 
 
 def _field(name: str, value: object) -> str:
@@ -298,6 +343,19 @@ def bulk_operation(op: BulkOperation) -> str:
         for result, label in BULK_LABELS.items()
         if op.counts.get(result)
     ]
+    if op.status == "proposed":
+        lines.append(
+            f"  awaits approval by an operator other than {op.operator} until "
+            f"{when(op.approval_expires_at)} (a policy asks it for {op.needing_approval} of the "
+            f"commands): `tsq bulk approve {op.bulk_id}` or `tsq bulk reject {op.bulk_id}`"
+        )
+    if op.approved_by is not None:
+        comment = f": {op.approval_comment}" if op.approval_comment else ""
+        lines.append(f"  approved by {op.approved_by} at {when(op.approved_at)}{comment}")
+    if op.rejected_by is not None:
+        lines.append(f"  rejected by {op.rejected_by}: {op.rejection_reason}")
+    if op.status == "expired":
+        lines.append(f"  not approved by {when(op.approval_expires_at)}: nothing was decided")
     if op.stop_requested_at is not None:
         lines.append(
             f"  stopped by {op.stop_requested_by} at {when(op.stop_requested_at)}: "

@@ -16,8 +16,10 @@ import asyncpg
 from tsq.contract import DECISIONS, AuditEventType, CommandStatus, DecisionKind, operator_key
 from tsq.errors import InvalidInputError
 from tsq.models import (
+    APPROVAL_EXPIRES,
     AuditRecords,
     BulkOperation,
+    BulkVerdict,
     CarryOut,
     Claim,
     DecisionOutcome,
@@ -338,6 +340,30 @@ async def record(conn: Conn, batch: AuditRecords) -> int:
                     parking,
                     r.seq,
                 )
+            if parking is not None and r.schedule is not None:
+                await c.execute(
+                    """
+                    INSERT INTO tsq.scheduled_retry (parking_id, domain, command_id, at,
+                        scheduled_by, seq)
+                    VALUES ($1, $2, $3, $4, $5, $6)
+                    ON CONFLICT (parking_id) DO UPDATE SET at = excluded.at,
+                        scheduled_by = excluded.scheduled_by, ended = false, seq = excluded.seq
+                    WHERE tsq.scheduled_retry.seq < excluded.seq
+                    """,
+                    parking,
+                    batch.domain,
+                    batch.command_id,
+                    r.schedule.at,
+                    r.schedule.request.operator,
+                    r.seq,
+                )
+            if parking is not None and r.unschedule:
+                await c.execute(
+                    "UPDATE tsq.scheduled_retry SET ended = true, seq = $2 WHERE parking_id = $1 "
+                    "AND seq < $2",
+                    parking,
+                    r.seq,
+                )
             if r.notice and r.effect_key in new:
                 await _count_notice(c, r.notice, batch.domain, batch.error_code, 1)
     return len(new)
@@ -573,9 +599,10 @@ async def last_decision(conn: Conn, domain: str, command_id: UUID) -> dict[str, 
 
 async def command_with_payload(conn: Conn, domain: str, command_id: UUID) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
-        """
-        SELECT c.*, m.message AS payload FROM commandbus.command c
+        f"""
+        SELECT c.*, m.message AS payload, h.* FROM commandbus.command c
         LEFT JOIN LATERAL tsq.original_message(c.domain, c.command_id) m ON true
+        LEFT JOIN LATERAL ({_HOLDS}) h ON true
         WHERE c.domain = $1 AND c.command_id = $2
         """,
         domain,
@@ -583,6 +610,19 @@ async def command_with_payload(conn: Conn, domain: str, command_id: UUID) -> asy
     )
     return row
 
+
+# What holds a parked command `c`, as its workflow wrote it: a claim, a proposal awaiting
+# approval, a retry scheduled (rows of earlier parkings are not joined).
+_HOLDS = """
+    SELECT cl.claimed_by, cl.until AS claimed_until,
+        pr.decision || ' by ' || pr.proposed_by AS proposal, sr.at AS retry_at
+    FROM tsq.parking p
+    LEFT JOIN tsq.claim cl ON cl.parking_id = p.parking_id AND cl.until > now()
+    LEFT JOIN tsq.proposal pr ON pr.parking_id = p.parking_id AND NOT pr.ended
+        AND pr.expires_at > now()
+    LEFT JOIN tsq.scheduled_retry sr ON sr.parking_id = p.parking_id AND NOT sr.ended
+    WHERE p.domain = c.domain AND p.command_id = c.command_id AND p.left_at IS NULL
+"""
 
 # The filters of `tsq list` and of a selection of many: parameters $1 to $6.
 _WAITING = """
@@ -608,8 +648,9 @@ async def waiting(
     """Commands in the troubleshooting queue, newest first, with their original message."""
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""
-        SELECT c.*, m.message AS payload FROM commandbus.command c
+        SELECT c.*, m.message AS payload, h.* FROM commandbus.command c
         LEFT JOIN LATERAL tsq.original_message(c.domain, c.command_id) m ON true
+        LEFT JOIN LATERAL ({_HOLDS}) h ON true
         WHERE {_WAITING}
         ORDER BY c.updated_at DESC, c.command_id
         LIMIT $7 OFFSET $8
@@ -672,13 +713,15 @@ async def create_bulk(
     """A bulk operation and its frozen selection, in one transaction: the commands `filters`
     select (oldest parked first), or `command_ids` in their order, those not in the queue
     already counted as skipped. An empty selection, or ids that are commands of other domains,
-    raise InvalidInputError, and nothing is written."""
+    raise InvalidInputError, and nothing is written. When a policy asks approval for the
+    decision of any command selected, the operation is a proposal (status `proposed`), until
+    the shortest approval time of those policies (24 hours by default)."""
     async with pool.acquire() as c, c.transaction():
         await c.execute(
             """
             INSERT INTO tsq.bulk (bulk_id, domain, decision, operator, request, selection,
-                total, rate)
-            VALUES ($1, $2, $3, $4, $5, $6, 0, $7)
+                total, rate, operator_key)
+            VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8)
             """,
             bulk_id,
             domain,
@@ -687,6 +730,7 @@ async def create_bulk(
             request,
             selection,
             rate,
+            operator_key(operator),
         )
         if command_ids is None:
             assert filters is not None
@@ -770,15 +814,33 @@ async def create_bulk(
             )
         row = await c.fetchrow(
             """
+            WITH needing AS (
+                -- Only where a policy of the domain asks approval for the decision at all.
+                SELECT count(*) AS n, min((p->>'approval_expires_after')::float8) AS expires
+                FROM tsq.bulk b
+                JOIN tsq.bulk_item i ON i.bulk_id = b.bulk_id AND i.result IS NULL
+                JOIN commandbus.command c ON c.domain = b.domain AND c.command_id = i.command_id
+                CROSS JOIN LATERAL tsq.command_policy(c.domain, c.command_type,
+                    c.last_error_code) p
+                WHERE b.bulk_id = $1 AND p->'require_approval' ? b.decision
+                    AND EXISTS (SELECT 1 FROM tsq.policy
+                                WHERE domain = b.domain AND b.decision = ANY(require_approval))
+            )
             UPDATE tsq.bulk SET
                 total = (SELECT count(*) FROM tsq.bulk_item WHERE bulk_id = $1),
                 counts = (SELECT coalesce(jsonb_object_agg(result, n), '{}') FROM (
                     SELECT result, count(*) AS n FROM tsq.bulk_item
-                    WHERE bulk_id = $1 AND result IS NOT NULL GROUP BY result) r)
+                    WHERE bulk_id = $1 AND result IS NOT NULL GROUP BY result) r),
+                needing_approval = needing.n,
+                status = CASE WHEN needing.n > 0 THEN 'proposed' ELSE status END,
+                approval_expires_at = CASE WHEN needing.n > 0 THEN clock_timestamp()
+                    + make_interval(secs => coalesce(needing.expires, $2)) END
+            FROM needing
             WHERE bulk_id = $1
-            RETURNING *
+            RETURNING tsq.bulk.*
             """,
             bulk_id,
+            APPROVAL_EXPIRES.total_seconds(),
         )
         assert row is not None
         if row["total"] == 0:
@@ -791,7 +853,9 @@ async def create_bulk(
 
 def bulk_operation(row: asyncpg.Record) -> BulkOperation:
     """The operation a `tsq.bulk` row holds (its request stays in the database)."""
-    return BulkOperation.model_validate({k: v for k, v in row.items() if k != "request"})
+    return BulkOperation.model_validate(
+        {k: v for k, v in row.items() if k not in ("request", "stopping")}
+    )
 
 
 async def bulk_chunk(conn: Conn, bulk_id: UUID, limit: int) -> dict[str, Any]:
@@ -809,9 +873,65 @@ async def bulk_fail_next(conn: Conn, bulk_id: UUID, problem: str) -> dict[str, A
 
 
 async def bulk_stop(conn: Conn, bulk_id: UUID, operator: str) -> asyncpg.Record | None:
-    """No chunk decides anything once this returns; None if there is no such operation."""
+    """No chunk decides anything once this returns; None if there is no such operation. An
+    operation that has ended already is left as it is (`stopping` false)."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT * FROM tsq.bulk_stop($1, $2) WHERE bulk_id IS NOT NULL", bulk_id, operator
+        """
+        WITH running AS (
+            SELECT bulk_id FROM tsq.bulk WHERE bulk_id = $1 AND status IN ('running', 'proposed')
+        ), stopped AS (
+            SELECT s.*, true AS stopping FROM running, tsq.bulk_stop(running.bulk_id, $2) s
+        )
+        SELECT * FROM stopped
+        UNION ALL
+        SELECT b.*, false FROM tsq.bulk b WHERE b.bulk_id = $1 AND NOT EXISTS (SELECT FROM running)
+        """,
+        bulk_id,
+        operator,
+    )
+    return row
+
+
+async def bulk_verdict(
+    conn: Conn, verdict: BulkVerdict, *, operator_key: str | None
+) -> asyncpg.Record | None:
+    """A proposed bulk operation approved (it runs), rejected or expired, audited under the
+    operation's id; None when it is no longer proposed (stopped, or decided already)."""
+    event = {
+        "approved": AuditEventType.TSQ_APPROVED,
+        "rejected": AuditEventType.TSQ_REJECTED,
+        "expired": AuditEventType.TSQ_PROPOSAL_EXPIRED,
+    }[verdict.verdict]
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """
+        WITH decided AS (
+            UPDATE tsq.bulk SET
+                status = CASE $2 WHEN 'approved' THEN 'running' ELSE $2 END,
+                approved_by = CASE WHEN $2 = 'approved' THEN $3 END,
+                approved_by_key = CASE WHEN $2 = 'approved' THEN $4 END,
+                approved_at = CASE WHEN $2 = 'approved' THEN clock_timestamp() END,
+                approval_comment = CASE WHEN $2 = 'approved' THEN $5 END,
+                rejected_by = CASE WHEN $2 = 'rejected' THEN $3 END,
+                rejection_reason = CASE WHEN $2 = 'rejected' THEN $5 END,
+                finished_at = CASE WHEN $2 <> 'approved' THEN clock_timestamp() END
+            WHERE bulk_id = $1 AND status = 'proposed'
+            RETURNING *
+        ), audited AS (
+            INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+            SELECT domain, bulk_id, $6, jsonb_strip_nulls(jsonb_build_object(
+                'bulk_id', bulk_id, 'operator', $3::text, 'proposed_by', operator,
+                'decision', decision, 'commands', total, 'needing_approval', needing_approval,
+                CASE WHEN $2 = 'rejected' THEN 'reason' ELSE 'comment' END, $5::text))
+            FROM decided
+        )
+        SELECT * FROM decided
+        """,
+        verdict.bulk_id,
+        verdict.verdict,
+        verdict.operator,
+        operator_key,
+        verdict.text,
+        event.value,
     )
     return row
 
@@ -852,6 +972,25 @@ async def bulk_items(conn: Conn, bulk_id: UUID) -> list[asyncpg.Record]:
         bulk_id,
     )
     return rows
+
+
+async def note_after(
+    conn: Conn, domain: str, command_id: UUID, text: str, operator: str | None, *, status: str
+) -> None:
+    """A note on a command no workflow waits for (decided, or not parked): an audit row."""
+    await conn.execute(
+        """
+        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+        VALUES ($1, $2, $3, jsonb_build_object('operator', $4::text, 'text', $5::text,
+            'status', $6::text))
+        """,
+        domain,
+        command_id,
+        AuditEventType.TSQ_NOTE.value,
+        operator,
+        text,
+        status,
+    )
 
 
 async def audit_trail(conn: Conn, domain: str, command_id: UUID) -> list[asyncpg.Record]:
@@ -1262,6 +1401,25 @@ async def ensure_queue(conn: Conn, queue: str) -> None:
     await conn.execute(
         "SELECT pgmq.create($1) WHERE tsq.queue_named($1) IS NULL", check_queue_name(queue)
     )
+
+
+async def domains(conn: Conn, limit: int = 1000) -> list[str]:
+    """The bus's domains, in order: a skip scan of the (domain, command_id) index, one probe
+    per domain, however many commands each has."""
+    rows = await conn.fetch(
+        """
+        WITH RECURSIVE d AS (
+            (SELECT domain FROM commandbus.command ORDER BY domain LIMIT 1)
+            UNION ALL
+            SELECT (SELECT c.domain FROM commandbus.command c WHERE c.domain > d.domain
+                    ORDER BY c.domain LIMIT 1)
+            FROM d WHERE d.domain IS NOT NULL
+        )
+        SELECT domain FROM d WHERE domain IS NOT NULL LIMIT $1
+        """,
+        limit,
+    )
+    return [row["domain"] for row in rows]
 
 
 async def has_commands(conn: Conn, domain: str) -> bool:

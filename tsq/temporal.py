@@ -18,7 +18,7 @@ from temporalio.runtime import Runtime
 
 from tsq.contract import SearchAttribute
 from tsq.converter import TsqPayloadConverter
-from tsq.errors import ERROR_TYPES
+from tsq.errors import ERROR_TYPES, UnavailableError
 from tsq.settings import Settings
 
 
@@ -47,7 +47,30 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Clie
     config: dict[str, Any] = dict(ClientConfig.load_client_connect_config())
     config["target_host"] = settings.temporal_address
     config["namespace"] = settings.temporal_namespace
-    return await Client.connect(**config, data_converter=DATA_CONVERTER, runtime=runtime)
+    try:
+        return await Client.connect(**config, data_converter=DATA_CONVERTER, runtime=runtime)
+    except RuntimeError as err:
+        raise explain(settings.temporal_address, err) from None
+
+
+def explain(address: str, err: BaseException) -> UnavailableError:
+    """What a failed connection to Temporal means: the service, the setting, the likely fix."""
+    text = str(err)
+    setting = "TEMPORAL_ADDRESS"
+    if "ConnectionRefused" in text or "Connection refused" in text:
+        why = f"refused the connection: is the Temporal server running there? Check {setting}"
+    elif "dns error" in text or "lookup address" in text:
+        why = f"is a host name that does not resolve: check {setting}"
+    elif "get_system_info" in text or "transport error" in text or "BrokenPipe" in text:
+        why = (
+            "answered, but not as a Temporal frontend (gRPC): is that another service's port "
+            f"(PostgreSQL's, the Web UI's)? Temporal's gRPC port is usually 7233; check {setting}"
+        )
+    elif "Unauthenticated" in text or "PermissionDenied" in text or "API key" in text:
+        why = "refused tsq's credentials: check TEMPORAL_API_KEY or TEMPORAL_TLS_* / the profile"
+    else:
+        why = f"could not be reached ({text.splitlines()[0] if text else type(err).__name__})"
+    return UnavailableError(f"Temporal at {address} {why}")
 
 
 _INDEXED = {

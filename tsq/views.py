@@ -35,6 +35,17 @@ class TroubleshootingItem(BaseModel):
     created_at: datetime
     updated_at: datetime
     payload: dict[str, Any] | None
+    state: str | None = Field(
+        default=None,
+        description="The workflow's TsqState; NO_WORKFLOW when none runs; None when Temporal "
+        "could not be asked",
+    )
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
+    proposal: str | None = Field(
+        default=None, description='A decision awaiting approval: "cancel by alice"'
+    )
+    retry_at: datetime | None = Field(default=None, description="A retry scheduled for then")
 
 
 class AuditEvent(BaseModel):
@@ -49,6 +60,7 @@ class CommandDetails(BaseModel):
 
     command: TroubleshootingItem
     workflow_id: str
+    run_id: str | None = Field(default=None, description="The workflow's latest run")
     workflow: StateView | None
     workflow_note: str | None = None
     audit: list[AuditEvent]

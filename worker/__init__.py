@@ -52,6 +52,7 @@ def new_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
             acts.bulk_run,
             acts.bulk_progress,
             acts.bulk_finish,
+            acts.bulk_verdict,
         ],
         # The sandbox would re-import the workflow module for every workflow it loads: a third
         # of the worker's CPU, and memory, with thousands waiting. The module holds only

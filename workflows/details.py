@@ -11,7 +11,7 @@ stays in PostgreSQL, and the server refuses metadata past its limits.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -155,7 +155,8 @@ def render_details(
     failed_attempts: Sequence[str],
     failed_count: int = 0,
 ) -> str:
-    """Markdown for "Current details": the state, how to decide, and what the decision did."""
+    """Markdown for "Current details": the state and what holds the command now (a claim, a
+    proposal, time), how to decide, and what the decision did."""
     lines = [
         f"## {state.value}",
         f"{_text(command.command_type)} `{command.command_id}` —"
@@ -163,43 +164,16 @@ def render_details(
         f" {_text(command.last_error_msg)}",
         "",
     ]
-    if state is TsqState.AWAITING_OPERATOR:
-        lines += [
-            "### Decide",
-            "**More Actions → Send a Signal** with one of these names and JSON inputs, or "
-            "**Send an Update** `operator_<name>` to get an answer. "
-            "(Not *Request Cancellation* or *Terminate*: those stop the workflow, "
-            "not the command.)",
-            "",
-        ]
-        for kind, example in EXAMPLES.items():
-            lines += [
-                f"**{kind.value}** — {', '.join(steps_of(kind, command))}",
-                "```json",
-                json.dumps(example),
-                "```",
-            ]
-        if view.policy is not None and view.require_approval:
-            kinds = ", ".join(kind.value for kind in view.require_approval)
-            lines.append(
-                f"Policy {_code(view.policy)} asks for a second operator's approval of: "
-                f"{kinds}. Such a decision becomes a proposal; name your `operator`."
-            )
-        lines += [
-            "",
-            "Also: **note** `"
-            + json.dumps(NOTE_EXAMPLE)
-            + "`, **claim** `"
-            + json.dumps(CLAIM_EXAMPLE)
-            + "` (others' decisions are then refused unless "
-            '`"force": true`), **release** `' + json.dumps(RELEASE_EXAMPLE) + "`.",
-        ]
-        lines.append("")
+    lines += _people(view)
     if view.proposal is not None:
         lines += _proposal(view)
+    lines += _deadlines(view)
+    if state is TsqState.AWAITING_OPERATOR:
+        lines += _decide(command, view)
     if view.decision is not None:
         lines += [
             "### Decision",
+            "",
             f"- **{view.decision.value}** by {_text(view.decided_by)}"
             f" at {_text(view.requested_at)}",
         ]
@@ -210,18 +184,17 @@ def render_details(
         lines += [f"- {step}: **{progress}**" for step, progress in view.steps.items()]
     if view.outcome is not None:
         if view.decision is None:
-            lines.append("### Decided elsewhere")
+            lines += ["### Decided elsewhere", ""]
         lines += [f"- Outcome: {_text(view.outcome.detail)}", ""]
     elif view.decision is not None:
         lines.append("")
-    lines += _deadlines(view)
-    lines += _people(view)
+    lines += _notes(view)
     if failed_attempts:
-        lines.append("### Decisions that could not be carried out (nothing was changed)")
+        lines += ["### Decisions that could not be carried out (nothing was changed)", ""]
         lines += _last(failed_attempts, max(failed_count, len(failed_attempts)))
         lines.append("")
     if view.refused:
-        lines.append("### Refused requests (nothing was changed)")
+        lines += ["### Refused requests (nothing was changed)", ""]
         lines += _last(
             [
                 f"`{_text(r.handler)}`: {_text(r.problem)} — received {_code(r.received)}"
@@ -231,6 +204,42 @@ def render_details(
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def _json(example: Mapping[str, object]) -> list[str]:
+    """A JSON input to paste, one key a line: narrow enough for the details panel."""
+    return ["```json", json.dumps(example, indent=1), "```"]
+
+
+def _decide(command: CommandSnapshot, view: StateView) -> list[str]:
+    lines = [
+        "### Decide",
+        "",
+        "**More Actions → Send a Signal**, pick one of these names and paste its JSON (or "
+        "**Send an Update** `operator_<name>` to get an answer). *Request Cancellation* and "
+        "*Terminate* stop the workflow, not the command: tsq refuses the first, and the second "
+        "leaves the command parked without a workflow until the sweep starts a new one.",
+        "",
+    ]
+    for kind, example in EXAMPLES.items():
+        lines += [f"**{kind.value}** — {', '.join(steps_of(kind, command))}", *_json(example)]
+    if view.policy is not None and view.require_approval:
+        kinds = ", ".join(kind.value for kind in view.require_approval)
+        lines += [
+            "",
+            f"Policy {_code(view.policy)} asks for a second operator's approval of: {kinds}. "
+            "Such a decision becomes a proposal; name your `operator`.",
+        ]
+    lines += [
+        "",
+        "**note** (kept with the command), **claim** (others' decisions are then refused "
+        'unless they add `"force": true`), **release**:',
+        *_json(NOTE_EXAMPLE),
+        *_json(CLAIM_EXAMPLE),
+        *_json(RELEASE_EXAMPLE),
+        "",
+    ]
+    return lines
 
 
 def _deadlines(view: StateView) -> list[str]:
@@ -266,7 +275,7 @@ def _deadlines(view: StateView) -> list[str]:
         f"- The {deadline} is due but held back by the {_text(why)}: it happens once that ends"
         for deadline, why in view.deferred.items()
     ]
-    return ["### Time", *lines, ""] if lines else []
+    return ["### Time", "", *lines, ""] if lines else []
 
 
 def _proposal(view: StateView) -> list[str]:
@@ -275,36 +284,42 @@ def _proposal(view: StateView) -> list[str]:
     request = {k: v for k, v in proposal.request.items() if k not in ("operator", "parking_id")}
     return [
         "### Awaiting approval",
+        "",
         f"- **{proposal.decision.value}** proposed by {_text(proposal.proposed_by)} at "
         f"{_text(proposal.proposed_at)}" + (f": `{_text(json.dumps(request))}`" if request else ""),
         f"- Expires at {_text(proposal.expires_at)} unless approved",
         "",
         "**Send a Signal** (or **Send an Update** `operator_<name>`), as an operator other than "
         f"{_text(proposal.proposed_by)}:",
+        "",
         "**approve**",
-        "```json",
-        json.dumps(APPROVE_EXAMPLE),
-        "```",
+        *_json(APPROVE_EXAMPLE),
         "**reject**",
-        "```json",
-        json.dumps(REJECT_EXAMPLE),
-        "```",
+        *_json(REJECT_EXAMPLE),
         "",
     ]
 
 
 def _people(view: StateView) -> list[str]:
-    """Who is on the command, and the notes left on it."""
-    lines = []
-    if view.claimed_by is not None:
-        lines.append(f"- **Claimed by** {_text(view.claimed_by)} until {_text(view.claimed_until)}")
-    if view.notes:
-        lines.append("### Notes")
-        lines += _last(
-            [f"{_text(n.at)} {_text(n.operator)}: {_text(n.text)}" for n in view.notes],
-            max(view.notes_count, len(view.notes)),
-        )
-    return [*lines, ""] if lines else []
+    """Who is on the command."""
+    if view.claimed_by is None:
+        return []
+    return [
+        f"**Claimed by {_text(view.claimed_by)}** until {_text(view.claimed_until)}: other "
+        'operators\' decisions are refused unless they add `"force": true`.',
+        "",
+    ]
+
+
+def _notes(view: StateView) -> list[str]:
+    if not view.notes:
+        return []
+    lines = ["### Notes", ""]
+    lines += _last(
+        [f"{_text(n.at)} {_text(n.operator)}: {_text(n.text)}" for n in view.notes],
+        max(view.notes_count, len(view.notes)),
+    )
+    return [*lines, ""]
 
 
 def _last(items: Sequence[str], total: int) -> list[str]:

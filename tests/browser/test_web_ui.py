@@ -53,7 +53,7 @@ async def filter_workflows(page: Page, ui_url: str, query: str) -> None:
 async def show_tsq_columns(page: Page) -> None:
     """Configure Columns -> add tsq's search attributes, drop the columns that say nothing here."""
     await page.get_by_role("button", name="Configure Columns").click()
-    for name in ("CommandType", "LastErrorCode", "TsqState"):
+    for name in ("CommandType", "LastErrorCode", "TsqState", "TsqClaimedBy"):
         await page.get_by_role("button", name=f"Add {name} column").click()
     for name in ("Run ID", "Type", "End"):
         await page.get_by_role("button", name=f"Remove {name} column").click()
@@ -109,6 +109,13 @@ async def test_operator_cancels_with_signal_from_web_ui(
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name=workflow_id))
     await expect(row).to_contain_text("AWAITING_OPERATOR")
     await expect(row).to_contain_text("ACCOUNT_CLOSED")
+    # Save as New: the query, with these columns, is one click away from now on.
+    view = f"{domain} awaiting a decision"  # letters, digits, spaces, - _ . only
+    await page.get_by_role("button", name="Save as New").click()
+    saving = page.get_by_role("dialog", name="Save as New View")
+    await saving.get_by_role("textbox").fill(view)
+    await saving.get_by_role("button", name="Save").click()
+    await expect(page.get_by_text(view).first).to_be_visible()
     await page.screenshot(path=screenshots / "ui-1-filter.png")
 
     await row.get_by_role("link", name=workflow_id).click()
@@ -221,3 +228,49 @@ async def test_second_operator_approves_a_proposal_from_web_ui(
     assert approved["details_json"]["operator"] == "bob@example.com"
     [complete] = await audit_rows(pool, domain, command_id, "OPERATOR_COMPLETE")
     assert complete["details_json"]["approved_by"] == "bob@example.com"
+
+
+async def test_what_holds_a_command_shows_first_and_fits_the_panel(
+    page: Page,
+    ui_url: str,
+    tsq: TroubleshootingClient,
+    pool: asyncpg.Pool,
+    screenshots: Path,
+) -> None:
+    """Claimed, with a note and a proposal waiting, under a policy with deadlines: opened
+    straight on its User Metadata tab, the current details say who holds it, what awaits
+    approval and when things are due before anything else, each under its own heading, and
+    every JSON block fits the panel without scrolling sideways."""
+    domain = new_domain()
+    await tsq.set_policy(
+        domain, "four-eyes", require_approval=["complete"], escalate_after="1h",
+        expire_after="7d", expire_decision="cancel", reason="too old", operator="lead",
+    )  # fmt: skip
+    command_id = await seed_command(pool, domain)
+    workflow_id = await tsq.start_workflow(domain, command_id)
+    await tsq.claim(domain, command_id, operator="jane@example.com", for_="2h")
+    await tsq.note(domain, command_id, "asked the ledger team", operator="jane@example.com")
+    await tsq.operator_complete(
+        domain, command_id, result_data={"refunded": True}, operator="jane@example.com"
+    )
+    run_id = (await tsq.temporal.get_workflow_handle(workflow_id).describe()).run_id
+
+    await page.goto(
+        f"{ui_url}/namespaces/default/workflows/{quote(workflow_id, safe='')}/{run_id}"
+        "/user-metadata"
+    )
+    details = (
+        page.get_by_role("heading", name="Current Details")
+        .locator("xpath=following::iframe[1]")
+        .content_frame.locator("body")
+    )
+    await expect(details).to_contain_text("PENDING_APPROVAL")
+    text = await details.inner_text()
+    order = [text.find(s) for s in ("Claimed by jane", "Awaiting approval", "Time", "Notes")]
+    assert -1 not in order and order == sorted(order), text
+    await expect(details.get_by_role("heading", name="Notes")).to_be_visible()
+    overflow = await details.locator("pre").evaluate_all(
+        "blocks => blocks.map(b => b.scrollWidth - b.clientWidth)"
+    )
+    assert overflow and max(overflow) <= 0, overflow
+    await page.screenshot(path=screenshots / "ui-8-held.png")

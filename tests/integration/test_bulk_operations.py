@@ -458,3 +458,85 @@ async def test_ctrl_c_leaves_the_bulk_operation_running(stack: Stack) -> None:
     assert f"tsq bulk stop {op.bulk_id}" in err.decode()
     finished = await stack.client.wait_bulk(op.bulk_id)
     assert finished.carried_out == 120
+
+
+async def _under_four_eyes(stack: Stack, count: int, **policy: Any) -> tuple[str, list[uuid.UUID]]:
+    domain = new_domain()
+    await stack.client.set_policy(
+        domain, "four-eyes", require_approval=["cancel"], operator="lead", **policy
+    )
+    return domain, [await seed_command(stack.pool, domain) for _ in range(count)]
+
+
+async def test_a_bulk_decision_under_four_eyes_is_one_proposal_approved_once(
+    stack: Stack,
+) -> None:
+    """Under a policy asking approval for cancels, the dry run says the operation would be
+    proposed; the real run proposes it as a whole (exit 0, nothing decided); its starter,
+    lookalike or not, cannot approve it; another operator's approval runs it, and each command
+    is decided once, as approved by them."""
+    domain, ids = await _under_four_eyes(stack, 3)
+    cancel = ("cancel", domain, "--all", "--reason", "incident", "--yes", "--operator", "alice")
+    dry = await run_tsq(stack.settings, *cancel, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would be proposed as a whole" in dry.stdout
+    proposed = await run_tsq(stack.settings, *cancel)
+    assert proposed.returncode == 0, proposed.stderr
+    assert "proposed: cancel of 3 commands" in proposed.stderr
+    [op] = await stack.client.bulk_operations(domain)
+    assert (op.status, op.needing_approval, op.carried_out) == ("proposed", 3, 0)
+    for own in ("alice", " ALICE\u200b"):
+        refused = await run_tsq(
+            stack.settings, "bulk", "approve", str(op.bulk_id), "--operator", own
+        )
+        assert refused.returncode == 1 and "four eyes" in refused.stderr
+    approved = await run_tsq(
+        stack.settings, "bulk", "approve", str(op.bulk_id), "--operator", "bob", "--comment", "ok"
+    )
+    assert approved.returncode == 0, approved.stderr
+    assert "approved by bob" in approved.stdout
+    done = await stack.client.wait_bulk(op.bulk_id)
+    assert (done.status, done.carried_out) == ("finished", 3)
+    await _keep_history(stack.client, op.bulk_id, "bulk_approved")
+    for cid in ids:
+        rows = await stack.pool.fetch(
+            "SELECT event_type, details_json FROM commandbus.audit WHERE command_id = $1 "
+            "AND event_type IN ('OPERATOR_CANCEL', 'TSQ_APPROVED') ORDER BY audit_id",
+            cid,
+        )
+        assert [r["event_type"] for r in rows] == ["TSQ_APPROVED", "OPERATOR_CANCEL"]
+        assert rows[1]["details_json"]["approved_by"] == "bob"
+        assert rows[1]["details_json"]["operator"] == "alice"
+    again = await run_tsq(stack.settings, "bulk", "approve", str(op.bulk_id), "--operator", "carol")
+    assert again.returncode == 1 and "only a proposed one" in again.stderr
+
+
+@pytest.mark.parametrize("end", ["rejected", "expired", "stopped"])
+async def test_a_bulk_proposal_rejected_expired_or_stopped_decides_nothing(
+    stack: Stack, end: str
+) -> None:
+    """Rejected by another operator, not approved in time, or stopped: the operation ends so,
+    audited, and every command still waits."""
+    domain, ids = await _under_four_eyes(stack, 2, approval_expires_after="3s")
+    op = await stack.client.start_bulk(
+        "cancel", domain, command_ids=ids, reason="incident", operator="alice"
+    )
+    assert op.status == "proposed"
+    if end == "rejected":
+        await stack.client.reject_bulk(op.bulk_id, "not all of them", operator="bob")
+    elif end == "stopped":
+        await stack.client.stop_bulk(op.bulk_id, operator="alice")
+    ended = await asyncio.wait_for(stack.client.wait_bulk(op.bulk_id), 60)
+    assert (ended.status, ended.carried_out) == (end, 0)
+    statuses = await stack.pool.fetch(
+        "SELECT status FROM commandbus.command WHERE domain = $1", domain
+    )
+    assert {row["status"] for row in statuses} == {"IN_TROUBLESHOOTING_QUEUE"}
+    if end != "stopped":
+        event = {"rejected": "TSQ_REJECTED", "expired": "TSQ_PROPOSAL_EXPIRED"}[end]
+        audited = await stack.pool.fetchval(
+            "SELECT count(*) FROM commandbus.audit WHERE command_id = $1 AND event_type = $2",
+            op.bulk_id,
+            event,
+        )
+        assert audited == 1

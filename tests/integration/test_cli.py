@@ -13,7 +13,7 @@ import pytest
 from temporalio.client import Client
 
 from tests.helpers import TSQ, audit_rows, new_domain, seed_command, status_of, tsq_env
-from tsq import TroubleshootingClient
+from tsq import InvalidInputError, TroubleshootingClient
 from tsq.settings import Settings
 
 _env = tsq_env
@@ -112,7 +112,8 @@ async def test_worker_process_decides_then_stops_cleanly(
     signum: int,
     tmp_path: Path,
 ) -> None:
-    """`tsq worker` carries out decisions, and on SIGTERM/SIGINT exits 0."""
+    """`tsq worker` carries out decisions, logs a refused one in one line (no traceback), and
+    on SIGTERM/SIGINT exits 0."""
     task_queue = f"tsq-cli-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     with log.open("w") as out:
@@ -130,6 +131,9 @@ async def test_worker_process_decides_then_stops_cleanly(
             client.operator_cancel(domain, command_id, "Invalid account"), timeout=60
         )
         assert outcome is not None and outcome.carried_out
+        unsendable = await seed_command(pool, domain, reply_queue="no such queue!")
+        with pytest.raises(InvalidInputError):
+            await asyncio.wait_for(client.operator_cancel(domain, unsendable, "x"), timeout=60)
         process.send_signal(signum)
         code = await asyncio.to_thread(process.wait, 60)
     finally:
@@ -138,3 +142,6 @@ async def test_worker_process_decides_then_stops_cleanly(
     output = log.read_text()
     assert code == 0, output
     assert "Fatal Python error" not in output
+    [refused] = [line for line in output.splitlines() if "refused" in line]
+    assert f"cancel of command {unsendable} refused" in refused
+    assert "Traceback" not in output, output

@@ -320,9 +320,10 @@ async def test_selection_of_all_misses_none_while_others_decide(
     assert still_waiting <= set(selected)
 
 
-async def test_policy_commands_set_list_show_delete(settings: Settings) -> None:
+async def test_policy_commands_set_list_show_delete(settings: Settings, pool: asyncpg.Pool) -> None:
     """`tsq policy set|list|show|delete`: the example of the README, as JSON and as text."""
     domain = new_domain()
+    await seed_command(pool, domain)
     done = await _tsq(
         settings,
         *("policy", "set", domain, "--name", "slow-ledger", "--error-code", "LEDGER_TIMEOUT"),

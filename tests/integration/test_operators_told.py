@@ -328,3 +328,19 @@ async def test_groups_say_what_waits_and_how_to_decide_it(
         subprocess.run, [TSQ, "groups", domain, "--json"], env=env, capture_output=True, text=True
     )
     assert [g["count"] for g in json.loads(as_json.stdout)] == [1, 3]
+
+
+async def test_a_digest_of_commands_all_decided_meanwhile_is_not_sent(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """Commands parked and decided before their digest went out: no "3 parked, 0 waiting"."""
+    domain = new_domain()
+    await park(stack.pool, domain, "GONE_SOON", 3)
+    await stack.pool.execute(
+        "UPDATE commandbus.command SET status = 'CANCELED' WHERE domain = $1", domain
+    )
+    notifier = Notifier(stack.pool, _config(receiver))
+    await notifier.digest()
+    while await notifier.deliver():
+        pass
+    assert [body for body in receiver.delivered() if body["domain"] == domain] == []

@@ -85,7 +85,8 @@ def _snapshot() -> CommandSnapshot:
 
 
 def test_details_show_error_and_the_json_to_paste_for_each_decision() -> None:
-    """While waiting: the error and, for cancel, retry and complete, a JSON block to paste."""
+    """While waiting: the error and, for cancel, retry and complete, a JSON block to paste,
+    one key a line (narrow enough for the details panel)."""
     command = _snapshot()
     text = render_details(
         command,
@@ -95,7 +96,7 @@ def test_details_show_error_and_the_json_to_paste_for_each_decision() -> None:
     )
     assert str(command.command_id) in text and "ACCOUNT_CLOSED" in text
     for example in EXAMPLES.values():
-        assert f"```json\n{json.dumps(example)}\n```" in text
+        assert f"```json\n{json.dumps(example, indent=1)}\n```" in text
     assert "reply CANCELED to payments__replies" in text
 
 

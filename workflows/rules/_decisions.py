@@ -83,6 +83,7 @@ def _ended_by(life: Life, outcome: DecisionOutcome) -> tuple[Record, ...]:
                     "scheduled_by": life.scheduled.request.operator,
                     "why": why,
                 },
+                unschedule=True,
             )
         )
     return tuple(records)
@@ -178,6 +179,7 @@ def refused(life: Life, error: str | None, message: str, now: datetime, new_id: 
             "problem": message,
         },
         notice="given_up",
+        unschedule=deadline is Deadline.RETRY,
     )
     return Step(
         evolve(life, expiry_given_up=life.expiry_given_up or deadline is Deadline.EXPIRY),

@@ -89,6 +89,10 @@ class Record:
     # it waits), or, with `withdraw`, ended without being carried out.
     proposal: Proposal | None = None
     withdraw: bool = False
+    # The retry scheduled (kept in `tsq.scheduled_retry`, for readers without Temporal), or,
+    # with `unschedule`, no longer.
+    schedule: ScheduledRetry | None = None
+    unschedule: bool = False
 
 
 @dataclass(frozen=True)

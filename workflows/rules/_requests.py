@@ -242,6 +242,8 @@ def propose(
         }
         | ({"via": via} if via in ("policy", "schedule") else {}),
         proposal=proposal,
+        # A scheduled retry that came due as this proposal is no longer scheduled.
+        unschedule=via == "schedule",
     )
     return Step(
         evolve(life, proposal=proposal, state=TsqState.PENDING_APPROVAL),
@@ -275,6 +277,7 @@ def _decided(
                     "scheduled_for": superseded.at.isoformat(),
                     "scheduled_by": superseded.request.operator,
                 },
+                unschedule=True,
             )
         )
     life = evolve(life, scheduled=None, deferred=undefer(life, Deadline.RETRY))
@@ -309,6 +312,7 @@ def _decided(
             Record(
                 AuditEventType.TSQ_RETRY_SCHEDULED,
                 {"operator": request.operator, "not_before": scheduled.at.isoformat()},
+                schedule=scheduled,
             )
         )
         return Step(
@@ -523,6 +527,7 @@ def unschedule(life: Life, request: UnscheduleRequest, now: datetime, new_id: Ne
                     "scheduled_for": scheduled.at.isoformat(),
                     "scheduled_by": scheduled.request.operator,
                 },
+                unschedule=True,
             ),
         ),
         publish=Publish.STATE,
