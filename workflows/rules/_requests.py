@@ -128,7 +128,7 @@ def _check_claim(life: Life, operators: tuple[str | None, ...], force: bool, now
         ClaimedError,
         f"command {life.command_id} is claimed by {claim.by} until "
         f"{claim.until.isoformat(timespec='seconds')}: ask them, wait for the claim to end, or "
-        "decide with force (audited)",
+        "force it (audited)",
     )
 
 
@@ -396,8 +396,7 @@ def _check_claimable(life: Life, request: ClaimRequest, now: datetime) -> Claim 
         raise Refused(
             ClaimedError,
             f"command {life.command_id} is claimed by {claim.by} until "
-            f"{claim.until.isoformat(timespec='seconds')}: ask them, or take it over with "
-            "force (audited)",
+            f"{claim.until.isoformat(timespec='seconds')}: ask them, or force it (audited)",
         )
     return claim
 
@@ -435,7 +434,7 @@ def _check_releasable(life: Life, request: ReleaseRequest, now: datetime) -> Cla
         raise Refused(
             ClaimedError,
             f"command {life.command_id} is claimed by {claim.by}, not by {request.operator}: "
-            "only they release it, unless forced (audited)",
+            "only they release it, or force it (audited)",
         )
     return claim
 
